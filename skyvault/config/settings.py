@@ -1,0 +1,248 @@
+"""skyvault's one settings model.
+
+Values come, highest first, from: keyword arguments, ``SKYVAULT_*`` environment variables
+(nested with ``__``, e.g. ``SKYVAULT_STORE__BUCKET``), Prefect variables (when
+``SKYVAULT_PREFECT_VARIABLES=true``, provisioned by the config job), the YAML file named by
+``SKYVAULT_CONFIG_FILE``, then defaults: a local folder as object store and LTS, a static catalog.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from skyvault.config.collections import CollectionConfig
+from skyvault.errors import ConfigError, UnknownCollectionError
+
+PREFECT_VARIABLE_PREFIX = "skyvault_"
+
+
+class StoreSettings(BaseModel):
+    """The object store: a local folder (default) or an S3 bucket."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "s3"] = "local"
+    root: Path = Path("skyvault-data/store")
+    bucket: str | None = None
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _s3_needs_bucket(self) -> StoreSettings:
+        if self.kind == "s3" and not self.bucket:
+            raise ValueError("store.kind 's3' needs store.bucket")
+        return self
+
+
+class CatalogSettings(BaseModel):
+    """Where STAC items go. ``static``: a static catalog under ``prefix`` on the object store."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["static"] = "static"
+    prefix: str = "catalog"
+    id: str = "skyvault"
+    title: str = "skyvault catalog"
+    description: str = "Products processed by skyvault"
+
+
+class LtsSettings(BaseModel):
+    """Long-term storage: a mounted folder, datablock size and space checks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: Path = Path("skyvault-data/lts")
+    datablock_bytes: int = Field(100 * 1024**3, gt=0)
+    free_space_margin_bytes: int = Field(64 * 1024**2, ge=0)
+    free_space_wait_seconds: float = Field(0.0, ge=0)
+    keep_landing: bool = False
+    retrieval_prefix: str = "retrieval"
+    url_expiry_days: float = Field(7, gt=0, le=7)
+
+
+class DataCatalogSettings(BaseModel):
+    """A SciCat-style data catalog that receives job and dataset status (optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    timeout_seconds: float = 30.0
+    retries: int = 4
+
+
+class ConcurrencySettings(BaseModel):
+    """Parallelism inside a run and tag concurrency limits provisioned on the Prefect server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    products: int = Field(4, ge=1)
+    tag_limits: dict[str, int] = Field(
+        default_factory=lambda: {
+            "lts-read": 4,
+            "lts-write": 4,
+            "object-store-read": 16,
+            "object-store-write": 16,
+        }
+    )
+    tileset_limit: int = Field(1, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything skyvault reads from its environment, built once per entry point."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SKYVAULT_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    config_file: Path | None = None
+    prefect_variables: bool = False
+    scratch_dir: Path = Path("skyvault-data/scratch")
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    catalog: CatalogSettings = Field(default_factory=CatalogSettings)
+    lts: LtsSettings = Field(default_factory=LtsSettings)
+    data_catalog: DataCatalogSettings = Field(default_factory=DataCatalogSettings)
+    concurrency: ConcurrencySettings = Field(default_factory=ConcurrencySettings)
+    collections: dict[str, CollectionConfig] = Field(default_factory=dict)
+
+    @field_validator("collections", mode="before")
+    @classmethod
+    def _ids_from_keys(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            out = {}
+            for key, body in value.items():
+                if isinstance(body, dict):
+                    body = {"id": key, **body}
+                out[key] = body
+            return out
+        return value
+
+    @model_validator(mode="after")
+    def _keys_match_ids(self) -> Settings:
+        for key, coll in self.collections.items():
+            if key != coll.id:
+                raise ValueError(f"collection key {key!r} differs from its id {coll.id!r}")
+        return self
+
+    def collection(self, collection_id: str) -> CollectionConfig:
+        """The named collection's config.
+
+        Raises:
+            UnknownCollectionError: no collection with that id is configured.
+
+        """
+        try:
+            return self.collections[collection_id]
+        except KeyError:
+            known = ", ".join(sorted(self.collections)) or "none"
+            raise UnknownCollectionError(
+                f"unknown collection {collection_id!r} (configured: {known})"
+            ) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            file_secret_settings,
+            _PrefectVariablesSource(settings_cls, env_settings),
+            _YamlFileSource(settings_cls, init_settings, env_settings),
+        )
+
+
+def _env_value(
+    env_settings: PydanticBaseSettingsSource, init: PydanticBaseSettingsSource | None, name: str
+) -> Any:
+    for source in (init, env_settings):
+        if source is None:
+            continue
+        value = source().get(name)
+        if value is not None:
+            return value
+    return None
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by ``config_file`` (keyword or ``SKYVAULT_CONFIG_FILE``)."""
+
+    def __init__(
+        self,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+    ) -> None:
+        super().__init__(settings_cls)
+        self._path = _env_value(env_settings, init_settings, "config_file")
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if not self._path:
+            return {}
+        path = Path(self._path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        return data
+
+
+class _PrefectVariablesSource(PydanticBaseSettingsSource):
+    """Reads Prefect variables named ``skyvault_<field>`` (JSON values for nested fields).
+
+    Only consulted when ``SKYVAULT_PREFECT_VARIABLES=true``, so the embedded default never needs
+    a Prefect API to build its settings.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], env_settings: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        flag = _env_value(env_settings, None, "prefect_variables")
+        self._enabled = str(flag).lower() in ("1", "true", "yes", "on") if flag is not None else False
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if not self._enabled:
+            return {}
+        from prefect.variables import Variable
+
+        out: dict[str, Any] = {}
+        for name in self.settings_cls.model_fields:
+            if name in ("prefect_variables",):
+                continue
+            value = Variable.get(PREFECT_VARIABLE_PREFIX + name, default=None)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, built once from the environment (see the module docstring)."""
+    try:
+        return Settings()
+    except ConfigError:
+        raise
+    except Exception as e:  # pydantic ValidationError and friends
+        raise ConfigError(f"invalid skyvault settings: {e}") from e

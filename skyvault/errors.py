@@ -1,0 +1,113 @@
+"""The shared error vocabulary.
+
+Every error skyvault raises derives from :class:`SkyvaultError`. Messages name the product, key,
+dataset or file concerned. Third-party errors are translated at the I/O boundary with
+``raise ... from e``. :class:`TransientError` marks the only errors the retry policy retries.
+"""
+
+from __future__ import annotations
+
+
+class SkyvaultError(Exception):
+    """Base class of every error skyvault raises."""
+
+
+class TransientError(SkyvaultError):
+    """An error that may go away on its own (network hiccup, 5xx, throttling); safe to retry."""
+
+
+class ConfigError(SkyvaultError):
+    """Settings or collection configuration are invalid or missing."""
+
+
+class InvalidIdentifierError(SkyvaultError):
+    """A product, collection or dataset id is unsafe or malformed (``..``, ``/``, empty...)."""
+
+
+class UnknownCollectionError(SkyvaultError):
+    """A product names a collection that is not configured."""
+
+
+# --- object store -------------------------------------------------------------------------------
+
+
+class StorageError(SkyvaultError):
+    """An object store operation failed for a named key."""
+
+
+class ObjectNotFoundError(StorageError):
+    """The named key does not exist in the object store."""
+
+
+class BucketNotFoundError(StorageError):
+    """The configured bucket does not exist."""
+
+
+class TransientStorageError(StorageError, TransientError):
+    """An object store call failed in a way that may succeed on retry."""
+
+
+# --- products -----------------------------------------------------------------------------------
+
+
+class ProductError(SkyvaultError):
+    """A single product cannot be processed; the rest of the batch goes on."""
+
+
+class ReportError(ProductError):
+    """A browse report or JSON sidecar is malformed, unsafe or incomplete."""
+
+
+class RasterError(ProductError):
+    """A raster cannot be read, is corrupt, or lacks a CRS or geotransform."""
+
+
+class CogValidationError(ProductError):
+    """A produced file is not a valid Cloud-Optimized GeoTIFF."""
+
+
+class MissingDatetimeError(ProductError):
+    """No acquisition time could be found for a product."""
+
+
+class CatalogError(SkyvaultError):
+    """A catalog read or write failed."""
+
+
+class ItemExistsError(CatalogError):
+    """An item already exists and ``replace`` was not requested."""
+
+
+class TilingError(ProductError):
+    """Rendering or writing tiles failed."""
+
+
+# --- datasets, LTS and jobs ----------------------------------------------------------------------
+
+
+class DatasetError(SkyvaultError):
+    """A dataset cannot be archived or retrieved."""
+
+
+class MissingFilesError(DatasetError):
+    """A dataset has no files, or files listed for it are missing."""
+
+
+class UnsafePathError(DatasetError):
+    """A dataset member path is absolute, contains ``..`` or links outside the dataset."""
+
+
+class InsufficientSpaceError(DatasetError):
+    """LTS does not have enough free space for a dataset's datablocks."""
+
+
+class VerificationError(DatasetError):
+    """A checksum read back from LTS or the retrieval store does not match the manifest."""
+
+
+class DataCatalogError(SkyvaultError):
+    """The data catalog (SciCat-style jobs API) refused or failed a request."""
+
+
+class TransientDataCatalogError(DataCatalogError, TransientError):
+    """The data catalog could not be reached or answered 502/503/504."""

@@ -1,0 +1,108 @@
+"""Pydantic models passed between tasks and flows: plain, serialisable records, never handles."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+BBox = tuple[float, float, float, float]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ObjectInfo(_Record):
+    """One object in the store."""
+
+    key: str
+    size: int
+    last_modified: dt.datetime
+
+
+class Product(_Record):
+    """A discovered product: where its raster is and what its sidecar said about it."""
+
+    collection: str
+    id: str
+    source_key: str
+    sidecar_key: str | None = None
+    datetime: dt.datetime | None = None
+    start_datetime: dt.datetime | None = None
+    end_datetime: dt.datetime | None = None
+    crs_hint: str | None = None
+    properties: dict[str, Any] = Field(default_factory=dict)
+
+
+class DiscoveryFailure(_Record):
+    """Something under the landing prefix that could not become a product (bad report, bad name)."""
+
+    collection: str
+    key: str
+    message: str
+
+
+class CogInfo(_Record):
+    """The COG made for a product, and whether this run made it or found it already done."""
+
+    collection: str
+    product_id: str
+    key: str
+    sha256: str
+    size: int
+    source_sha256: str
+    created: bool
+
+
+class ItemRef(_Record):
+    """An item written to (or found in) the catalog."""
+
+    collection: str
+    item_id: str
+    href: str
+    datetime: dt.datetime | None = None
+    start_datetime: dt.datetime | None = None
+    end_datetime: dt.datetime | None = None
+    bbox: BBox
+    created: bool
+
+
+class SeedRequest(_Record):
+    """What to seed: a collection, a time interval, a zoom range and an optional lon/lat bbox."""
+
+    collection: str
+    start: dt.datetime | None = None
+    end: dt.datetime | None = None
+    min_zoom: int | None = None
+    max_zoom: int | None = None
+    bbox: BBox | None = None
+    item_ids: tuple[str, ...] | None = None
+    force: bool = False
+
+
+class SeedResult(_Record):
+    """Tile counts of one seeding run."""
+
+    collection: str
+    written: int = 0
+    skipped: int = 0
+    empty: int = 0
+    layers: tuple[str, ...] = ()
+
+
+ProductState = Literal["done", "skipped", "failed"]
+
+
+class ProductOutcome(_Record):
+    """The per-product line of an ingest summary."""
+
+    collection: str
+    product_id: str
+    state: ProductState
+    message: str = ""
+    step: str | None = None
+    cog_key: str | None = None
+    item_href: str | None = None
+    tiles: int = 0

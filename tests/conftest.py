@@ -1,0 +1,158 @@
+"""Shared fixtures: clean settings, tiny generated rasters, a moto S3 server, a Prefect harness."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.crs import CRS
+from rasterio.transform import from_origin
+
+from skyvault.config.settings import Settings, StoreSettings, get_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No SKYVAULT_* variable from the caller's shell leaks into a test; settings are rebuilt."""
+    for name in list(os.environ):
+        if name.startswith("SKYVAULT_"):
+            monkeypatch.delenv(name)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def write_raster(
+    path: Path,
+    data: np.ndarray,
+    *,
+    crs: str | None = "EPSG:4326",
+    transform: Any = None,
+    nodata: float | None = None,
+    tags: dict[str, str] | None = None,
+) -> Path:
+    """Write ``data`` (bands, rows, cols) as a plain (non-COG) GeoTIFF."""
+    if data.ndim == 2:
+        data = data[np.newaxis]
+    count, height, width = data.shape
+    profile: dict[str, Any] = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": count,
+        "dtype": data.dtype.name,
+    }
+    if crs is not None:
+        profile["crs"] = CRS.from_user_input(crs)
+    if transform is not None:
+        profile["transform"] = transform
+    if nodata is not None:
+        profile["nodata"] = nodata
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        if tags:
+            dst.update_tags(**tags)
+    return path
+
+
+@pytest.fixture
+def rgb_4326(tmp_path: Path) -> Path:
+    """A 3-band uint8 scene in EPSG:4326 over 10..11E, 45..46N, 256x256 px, a gradient."""
+    yy, xx = np.mgrid[0:256, 0:256]
+    data = np.stack([xx, yy, (xx + yy) // 2]).astype("uint8")
+    return write_raster(
+        tmp_path / "src" / "rgb_4326.tif",
+        data,
+        crs="EPSG:4326",
+        transform=from_origin(10.0, 46.0, 1 / 256, 1 / 256),
+    )
+
+
+@pytest.fixture
+def float_utm(tmp_path: Path) -> Path:
+    """A 1-band float32 scene in UTM 32N (EPSG:32632), 300x200 px at 30 m, left quarter nodata."""
+    yy, xx = np.mgrid[0:200, 0:300]
+    data = (xx * 0.5 + yy).astype("float32")
+    data[:, :75] = -9999.0
+    return write_raster(
+        tmp_path / "src" / "float_utm.tif",
+        data,
+        crs="EPSG:32632",
+        transform=from_origin(500000.0, 5000000.0, 30.0, 30.0),
+        nodata=-9999.0,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """A moto S3 server over HTTP on loopback for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_store_settings(moto_endpoint: str, request: pytest.FixtureRequest) -> StoreSettings:
+    """Store settings for a fresh, empty bucket on the moto server."""
+    import boto3
+
+    bucket = (
+        "t-"
+        + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
+        + "-"
+        + os.urandom(3).hex()
+    )
+    bucket = "".join(c for c in bucket if c.isalnum() or c == "-")[:63]
+    boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    ).create_bucket(Bucket=bucket)
+    return StoreSettings(
+        kind="s3",
+        bucket=bucket,
+        endpoint_url=moto_endpoint,
+        access_key_id="test",
+        secret_access_key="test",
+    )
+
+
+@pytest.fixture
+def local_settings(tmp_path: Path) -> Settings:
+    """Settings for the embedded default in a temporary folder, with no collections."""
+    return Settings(
+        scratch_dir=tmp_path / "scratch",
+        store=StoreSettings(root=tmp_path / "store"),
+        lts={"root": tmp_path / "lts"},
+    )
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One ephemeral Prefect server (SQLite) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
