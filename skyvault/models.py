@@ -106,3 +106,22 @@ class ProductOutcome(_Record):
     cog_key: str | None = None
     item_href: str | None = None
     tiles: int = 0
+
+
+class SeedChunk(_Record):
+    """A batch of tiles of one layer (a collection and a time key) that one seeding task renders.
+
+    ``tiles`` are ``(z, x, y)`` on WebMercatorQuad. ``cog_keys`` are the COGs of every item of the
+    layer that touches these tiles, in mosaic order (first valid pixel wins). ``bounds``,
+    ``min_zoom`` and ``max_zoom`` describe the whole layer's seeded extent (for its TileJSON).
+    """
+
+    collection: str
+    time_key: str
+    cog_keys: tuple[str, ...]
+    tiles: tuple[tuple[int, int, int], ...]
+    bounds: BBox
+    min_zoom: int
+    max_zoom: int
+    index: int = 0
+    total: int = 1
