@@ -63,7 +63,10 @@ class ObjectStore(Protocol):
     def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
     def delete(self, key: str) -> None: ...
     def gdal_path(self, key: str) -> str: ...
-    def gdal_env(self) -> dict[str, str]: ...
+    def gdal_env(self) -> dict[str, Any]:
+        """Keyword arguments for ``rasterio.Env`` that let GDAL read :meth:`gdal_path` in place."""
+        ...
+
     def url(self, key: str) -> str: ...
     def presigned_url(self, key: str, expires_seconds: int) -> str: ...
 
@@ -180,7 +183,7 @@ class LocalStore:
     def gdal_path(self, key: str) -> str:
         return str(self._path(key))
 
-    def gdal_env(self) -> dict[str, str]:
+    def gdal_env(self) -> dict[str, Any]:
         return {}
 
     def url(self, key: str) -> str:
@@ -296,19 +299,23 @@ class S3Store:
     def gdal_path(self, key: str) -> str:
         return f"/vsis3/{self.bucket}/{check_key(key)}"
 
-    def gdal_env(self) -> dict[str, str]:
-        env: dict[str, str] = {
-            "AWS_REGION": self.settings.region,
-            "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-        }
+    def gdal_env(self) -> dict[str, Any]:
+        from rasterio.session import AWSSession
+
+        env: dict[str, Any] = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+        endpoint = None
         if self.settings.endpoint_url:
             u = urlparse(self.settings.endpoint_url)
-            env["AWS_S3_ENDPOINT"] = u.netloc
+            endpoint = u.netloc
             env["AWS_HTTPS"] = "YES" if u.scheme == "https" else "NO"
             env["AWS_VIRTUAL_HOSTING"] = "FALSE"
-        if self.settings.access_key_id and self.settings.secret_access_key:
-            env["AWS_ACCESS_KEY_ID"] = self.settings.access_key_id.get_secret_value()
-            env["AWS_SECRET_ACCESS_KEY"] = self.settings.secret_access_key.get_secret_value()
+        key_id, secret = self.settings.access_key_id, self.settings.secret_access_key
+        env["session"] = AWSSession(
+            aws_access_key_id=key_id.get_secret_value() if key_id else None,
+            aws_secret_access_key=secret.get_secret_value() if secret else None,
+            region_name=self.settings.region,
+            endpoint_url=endpoint,
+        )
         return env
 
     def url(self, key: str) -> str:
@@ -323,8 +330,11 @@ class S3Store:
 
     def check_bucket(self) -> None:
         """Raise :class:`BucketNotFoundError` unless the bucket exists and is reachable."""
-        with self._errors("<bucket>"):
-            self._client.head_bucket(Bucket=self.bucket)
+        try:
+            with self._errors("<bucket>"):
+                self._client.head_bucket(Bucket=self.bucket)
+        except ObjectNotFoundError as e:
+            raise BucketNotFoundError(f"bucket {self.bucket!r} does not exist") from e
 
 
 def open_store(settings: StoreSettings) -> ObjectStore:

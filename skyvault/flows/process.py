@@ -1,0 +1,76 @@
+"""Per-product flows: preprocess, register, and process-product (preprocess → register → seed).
+
+Run names are predictable, ``<step>/<collection>/<product>``, so the Prefect UI and API find the
+newest run of any step for any product.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from skyvault.config.settings import get_settings
+from skyvault.flows.seed import seed
+from skyvault.models import BBox, CogInfo, ItemRef, Product, ProductOutcome, SeedResult
+from skyvault.tasks.catalog import item_bbox
+from skyvault.tasks.catalog import register as register_task
+from skyvault.tasks.cog import preprocess as preprocess_task
+from skyvault.tasks.status import run_name
+
+
+@flow(name="preprocess", flow_run_name="preprocess/{product.collection}/{product.id}")
+def preprocess(product: Product, replace: bool = False) -> CogInfo:
+    """Convert one product's raster to a validated COG on the object store."""
+    settings = get_settings()
+    collection = settings.collection(product.collection)
+    return preprocess_task(product, collection, settings.store, settings.scratch_dir, replace=replace)
+
+
+@flow(name="register", flow_run_name="register/{product.collection}/{product.id}")
+def register(product: Product, cog: CogInfo) -> ItemRef:
+    """Describe one COG as a STAC item and upsert it into the catalog."""
+    settings = get_settings()
+    collection = settings.collection(product.collection)
+    return register_task(product, cog, collection, settings.catalog, settings.store)
+
+
+def _union(a: BBox, b: BBox) -> BBox:
+    return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+
+
+@flow(name="process-product", flow_run_name="process-product/{product.collection}/{product.id}")
+def process_product(product: Product, replace: bool = False, seed_tiles: bool = True) -> ProductOutcome:
+    """Preprocess, register and seed one product.
+
+    With ``replace`` the COG is rebuilt and the tiles of both the old and the new extent are
+    re-rendered. A seeding failure fails this run but leaves the registration in place.
+    """
+    settings = get_settings()
+    collection = settings.collection(product.collection)
+    old_bbox = (
+        item_bbox(collection.id, product.id, settings.catalog, settings.store)
+        if replace and seed_tiles
+        else None
+    )
+    cog = preprocess.with_options(flow_run_name=run_name("preprocess", collection.id, product.id))(
+        product, replace=replace
+    )
+    item = register.with_options(flow_run_name=run_name("register", collection.id, product.id))(product, cog)
+    tiles = SeedResult(collection=collection.id)
+    if seed_tiles:
+        bbox = _union(item.bbox, old_bbox) if old_bbox else item.bbox
+        tiles = seed.with_options(flow_run_name=run_name("seed", collection.id, product.id))(
+            collection.id,
+            start=item.start_datetime or item.datetime,
+            end=item.end_datetime or item.datetime,
+            bbox=bbox,
+            force=replace,
+        )
+    return ProductOutcome(
+        collection=collection.id,
+        product_id=product.id,
+        state="done",
+        cog_key=cog.key,
+        item_href=item.href,
+        tiles=tiles.written,
+        message="converted" if cog.created else "COG up to date",
+    )

@@ -1,0 +1,87 @@
+"""The seed flow: pre-render a collection's tile cache for a time interval and zoom range."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from skyvault.config.settings import CatalogSettings, StoreSettings, get_settings
+from skyvault.models import BBox, SeedRequest, SeedResult
+from skyvault.tasks.catalog import open_catalog
+from skyvault.tasks.policy import TASK_POLICY
+from skyvault.tasks.tiles import plan_seed, seed_chunk
+
+
+@task(name="find-items", tags=["object-store-read"], **TASK_POLICY)
+def find_items(
+    request: SeedRequest, catalog: CatalogSettings, store: StoreSettings
+) -> list[dict[str, object]]:
+    """The catalog items a seed request covers."""
+    backend = open_catalog(catalog, store)
+    return backend.search(
+        request.collection,
+        start=request.start,
+        end=request.end,
+        bbox=request.bbox,
+        ids=list(request.item_ids) if request.item_ids else None,
+    )
+
+
+def _seed_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    return f"seed/{p['collection']}/{p.get('start') or '..'}--{p.get('end') or '..'}"
+
+
+@flow(name="seed", flow_run_name=_seed_run_name)
+def seed(
+    collection: str,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
+    min_zoom: int | None = None,
+    max_zoom: int | None = None,
+    bbox: BBox | None = None,
+    item_ids: list[str] | None = None,
+    force: bool = False,
+) -> SeedResult:
+    """Render the tiles of every item of ``collection`` in the interval, many tiles per task.
+
+    Existing tiles are skipped unless ``force``; tiles with no data are not written. One seeder
+    per tileset runs at a time (tag ``tileset:<collection>``).
+    """
+    settings = get_settings()
+    config = settings.collection(collection)
+    request = SeedRequest(
+        collection=collection,
+        start=start,
+        end=end,
+        min_zoom=min_zoom,
+        max_zoom=max_zoom,
+        bbox=bbox,
+        item_ids=tuple(item_ids) if item_ids else None,
+        force=force,
+    )
+    items = find_items(request, settings.catalog, settings.store)
+    chunks = plan_seed(items, request, config)
+    futures = [seed_chunk.submit(chunk, config, settings.store, force=force) for chunk in chunks]
+    results = [f.result() for f in futures]
+    total = SeedResult(
+        collection=collection,
+        written=sum(r.written for r in results),
+        skipped=sum(r.skipped for r in results),
+        empty=sum(r.empty for r in results),
+        layers=tuple(sorted({layer for r in results for layer in r.layers})),
+    )
+    create_markdown_artifact(
+        key=f"seed-{collection}".lower().replace("_", "-").replace(".", "-"),
+        markdown=(
+            f"### Seeded `{collection}`\n\n| items | chunks | written | skipped | empty | layers |\n"
+            f"|---|---|---|---|---|---|\n| {len(items)} | {len(chunks)} | {total.written} | "
+            f"{total.skipped} | {total.empty} | {', '.join(total.layers)} |\n"
+        ),
+        description=f"Tiles seeded for {collection}",
+    )
+    return total
