@@ -108,6 +108,32 @@ class ProductOutcome(_Record):
     tiles: int = 0
 
 
+class IngestSummary(_Record):
+    """What an ingest run did: counts and one line per product."""
+
+    found: int
+    done: int
+    skipped: int
+    failed: int
+    outcomes: tuple[ProductOutcome, ...]
+
+    @classmethod
+    def from_outcomes(cls, outcomes: list[ProductOutcome]) -> IngestSummary:
+        """Count outcomes by state; lines sorted by collection and product."""
+        ordered = tuple(sorted(outcomes, key=lambda o: (o.collection, o.product_id)))
+        return cls(
+            found=len(ordered),
+            done=sum(o.state == "done" for o in ordered),
+            skipped=sum(o.state == "skipped" for o in ordered),
+            failed=sum(o.state == "failed" for o in ordered),
+            outcomes=ordered,
+        )
+
+    def headline(self) -> str:
+        """One line: found / done / skipped / failed."""
+        return f"{self.found} products: {self.done} done, {self.skipped} skipped, {self.failed} failed"
+
+
 class SeedChunk(_Record):
     """A batch of tiles of one layer (a collection and a time key) that one seeding task renders.
 
