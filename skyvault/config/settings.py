@@ -78,7 +78,8 @@ class DataCatalogSettings(BaseModel):
     password: SecretStr | None = None
     token: SecretStr | None = None
     timeout_seconds: float = 30.0
-    retries: int = 4
+    retries: int = Field(4, ge=0)
+    backoff_seconds: float = Field(0.5, ge=0)
 
 
 class ConcurrencySettings(BaseModel):
