@@ -101,3 +101,28 @@ def test_every_tileset_gets_a_limit_of_one() -> None:
     assert limits["tileset:b"] == 1
     assert limits["lts-write"] == 4
     assert limits["lts-read"] == 4
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_prefect_variables_sit_below_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.variables import Variable
+
+    Variable.set(
+        "skyvault_store", {"kind": "s3", "bucket": "from-variable", "region": "eu-west-1"}, overwrite=True
+    )
+    Variable.set("skyvault_scratch_dir", "/tmp/from-variable", overwrite=True)
+    try:
+        assert Settings().store.kind == "local"  # variables are only read when asked for
+        monkeypatch.setenv("SKYVAULT_PREFECT_VARIABLES", "true")
+        s = Settings()
+        assert s.store.bucket == "from-variable"
+        assert s.scratch_dir == Path("/tmp/from-variable")
+        monkeypatch.setenv("SKYVAULT_SCRATCH_DIR", "/tmp/from-env")
+        monkeypatch.setenv("SKYVAULT_STORE__BUCKET", "from-env")
+        s = Settings()
+        assert s.scratch_dir == Path("/tmp/from-env")
+        assert s.store.bucket == "from-env"
+        assert s.store.region == "eu-west-1"
+    finally:
+        Variable.unset("skyvault_store")
+        Variable.unset("skyvault_scratch_dir")
