@@ -151,3 +151,13 @@ class SeedChunk(_Record):
     max_zoom: int
     index: int = 0
     total: int = 1
+
+
+class Discovery(_Record):
+    """What a discovery run found: products ready to process and what could not become one.
+
+    Both lists are sorted (products by collection and id, failures by collection, key and message).
+    """
+
+    products: list[Product] = Field(default_factory=list)
+    failures: list[DiscoveryFailure] = Field(default_factory=list)
