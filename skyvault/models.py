@@ -161,3 +161,145 @@ class Discovery(_Record):
 
     products: list[Product] = Field(default_factory=list)
     failures: list[DiscoveryFailure] = Field(default_factory=list)
+
+
+# --- datasets, datablocks and LTS ----------------------------------------------------------------
+
+
+class DatasetSource(_Record):
+    """Where a dataset's files are: an object-store prefix (``kind="store"``) or a local folder."""
+
+    dataset_id: str
+    kind: Literal["store", "local"]
+    location: str
+
+    def describe(self) -> str:
+        """Human-readable location, for messages and the manifest."""
+        return f"store:{self.location}" if self.kind == "store" else f"local:{self.location}"
+
+
+class DatasetFile(_Record):
+    """One file of a dataset: its relative path inside the archive and where its bytes are read.
+
+    ``source`` is the object key (store) or the absolute file path (local folder). A symbolic link
+    inside a local folder has ``link`` set to its relative target and no data.
+    """
+
+    path: str
+    source: str
+    size: int
+    mtime: int = 0
+    mode: int = 0o644
+    link: str | None = None
+
+
+class PlannedDatablock(_Record):
+    """A datablock before it is written: its name, exact tar size and the files it will hold."""
+
+    dataset_id: str
+    name: str
+    index: int
+    size: int
+    files: tuple[DatasetFile, ...]
+
+
+class DatablockMember(_Record):
+    """One member of a written datablock; ``offset`` is where its data starts inside the tar."""
+
+    path: str
+    size: int
+    sha256: str
+    offset: int
+    link: str | None = None
+
+
+class Datablock(_Record):
+    """A datablock written to LTS: its tar checksum, size and every member's checksum."""
+
+    name: str
+    size: int
+    sha256: str
+    members: tuple[DatablockMember, ...]
+    write_started: dt.datetime | None = None
+    write_finished: dt.datetime | None = None
+
+
+class Manifest(_Record):
+    """What LTS holds for a dataset; written last, so its presence means the archive is complete."""
+
+    format: Literal["skyvault-manifest/1"] = "skyvault-manifest/1"
+    dataset_id: str
+    source: str
+    created: dt.datetime
+    datablock_bytes: int
+    file_count: int
+    total_bytes: int
+    datablocks: tuple[Datablock, ...]
+
+
+class DatablockInfo(_Record):
+    """The per-datablock line of an archive result (no member list)."""
+
+    name: str
+    size: int
+    sha256: str
+    files: int
+    write_started: dt.datetime | None = None
+    write_finished: dt.datetime | None = None
+
+    @classmethod
+    def of(cls, block: Datablock) -> DatablockInfo:
+        """Summarise a written datablock."""
+        return cls(
+            name=block.name,
+            size=block.size,
+            sha256=block.sha256,
+            files=len(block.members),
+            write_started=block.write_started,
+            write_finished=block.write_finished,
+        )
+
+
+class ArchiveResult(_Record):
+    """What an archive run did.
+
+    ``created`` is false when the dataset was already archived (a manifest existed) and nothing
+    was written. ``landing_deleted`` counts the landing files removed after verification.
+    """
+
+    dataset_id: str
+    source: str
+    manifest_path: str
+    file_count: int
+    total_bytes: int
+    archived_bytes: int
+    datablocks: tuple[DatablockInfo, ...]
+    landing_deleted: int
+    created: bool = True
+
+
+class RetrievedBlock(_Record):
+    """One datablock in the retrieval prefix; ``copied`` is false when an existing copy was reused."""
+
+    name: str
+    key: str
+    size: int
+    sha256: str
+    url: str
+    copied: bool
+
+
+class RetrieveResult(_Record):
+    """A retrieval: the blocks in the retrieval prefix, their URLs and the download script."""
+
+    dataset_id: str
+    prefix: str
+    datablocks: tuple[RetrievedBlock, ...]
+    script_key: str
+    script_url: str
+    expires_at: dt.datetime
+
+    @property
+    def copied(self) -> int:
+        """How many blocks this retrieval copied from LTS."""
+        return sum(b.copied for b in self.datablocks)
