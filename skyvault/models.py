@@ -303,3 +303,34 @@ class RetrieveResult(_Record):
     def copied(self) -> int:
         """How many blocks this retrieval copied from LTS."""
         return sum(b.copied for b in self.datablocks)
+
+
+# --- data-catalog jobs ----------------------------------------------------------------------------
+
+
+class JobDataset(_Record):
+    """One dataset of a data-catalog job: its catalog pid, its archive id and where its files are."""
+
+    pid: str
+    dataset_id: str
+    source_prefix: str | None = None
+    source_dir: str | None = None
+
+
+class JobDatasetResult(_Record):
+    """What a job did for one dataset, in the data catalog's words (``status``).
+
+    ``urls`` (retrieval) are the presigned datablock URLs, ``script_url`` the download script.
+    """
+
+    pid: str
+    dataset_id: str
+    ok: bool
+    status: str
+    message: str = ""
+    error: str | None = None
+    datablocks: int = 0
+    bytes: int = 0
+    urls: tuple[str, ...] = ()
+    script_url: str | None = None
+    expires_at: dt.datetime | None = None
