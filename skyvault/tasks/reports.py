@@ -1,0 +1,420 @@
+"""Sidecar reports that describe products: ngEO browse reports (XML) and ``/newitem`` JSON sidecars.
+
+Browse reports are parsed with defusedxml with DTDs forbidden, so entity expansion, external
+entities and document type declarations are refused before anything is expanded or fetched.
+A report-level problem (unsafe or malformed XML, wrong root, no browse) is a :class:`ReportError`
+naming the report; a problem with one browse rejects that browse only, so a report with some good
+browses is ``partial`` rather than lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import re
+from typing import Any, Literal
+from xml.etree.ElementTree import Element, ParseError
+
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import fromstring
+from pydantic import BaseModel, ConfigDict, Field
+
+from skyvault.errors import ReportError
+
+NS_BROWSE_REPORT = "http://ngeo.eo.esa.int/ngEO/browseReport/1.0"
+NS_BROWSE_REPORT_OLD = "http://ngeo.eo.esa.int/schema/browseReport"
+NAMESPACES = (NS_BROWSE_REPORT, NS_BROWSE_REPORT_OLD)
+
+#: Reports and sidecars larger than this are refused without being read.
+MAX_REPORT_BYTES = 16 * 1024 * 1024
+
+GeoReferenceKind = Literal["rectifiedBrowse", "footprint", "regularGrid", "modelInGeotiff"]
+GEOREFERENCE_KINDS: tuple[GeoReferenceKind, ...] = (
+    "rectifiedBrowse",
+    "footprint",
+    "regularGrid",
+    "modelInGeotiff",
+)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GeoReference(_Model):
+    """How a browse image is placed on the ground, numbers as given in the report.
+
+    ``rectifiedBrowse``: ``coords`` holds the 4 numbers of ``coordList`` (two corners).
+    ``footprint``: ``col_rows`` (``colRowList``) and ``coords`` (``coordList``) hold matching
+    pixel / coordinate pairs. ``regularGrid``: the node counts and steps, and ``coords`` holds every
+    ``coordList`` row concatenated. ``modelInGeotiff``: the raster's own georeferencing, no numbers.
+    """
+
+    kind: GeoReferenceKind
+    coords: tuple[float, ...] = ()
+    col_rows: tuple[float, ...] = ()
+    node_number: int | None = None
+    col_node_number: int | None = None
+    row_node_number: int | None = None
+    col_step: float | None = None
+    row_step: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """A short JSON-ready form for product properties (grid coordinates are left out)."""
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "rectifiedBrowse":
+            out["coordList"] = list(self.coords)
+        elif self.kind == "footprint":
+            out["nodeNumber"] = len(self.coords) // 2
+            out["colRowList"] = list(self.col_rows)
+            out["coordList"] = list(self.coords)
+        elif self.kind == "regularGrid":
+            out["colNodeNumber"] = self.col_node_number
+            out["rowNodeNumber"] = self.row_node_number
+            out["colStep"] = self.col_step
+            out["rowStep"] = self.row_step
+        return out
+
+
+class Browse(_Model):
+    """One valid ``rep:browse`` of a browse report."""
+
+    index: int
+    identifier: str | None = None
+    file_name: str
+    image_type: str | None = None
+    reference_system: str | None = None
+    georeference: GeoReference
+    start: dt.datetime
+    end: dt.datetime
+
+
+class RejectedBrowse(_Model):
+    """A ``rep:browse`` that could not be read, with the reason."""
+
+    index: int
+    identifier: str | None = None
+    file_name: str | None = None
+    message: str
+
+
+class BrowseReport(_Model):
+    """A parsed browse report: its header, its valid browses and the browses it rejected."""
+
+    source: str
+    namespace: str
+    responsible_org_name: str | None = None
+    date_time: dt.datetime | None = None
+    browse_type: str | None = None
+    browses: tuple[Browse, ...] = ()
+    rejected: tuple[RejectedBrowse, ...] = ()
+
+    @property
+    def status(self) -> Literal["success", "partial", "failure"]:
+        """``success`` when every browse is valid, ``partial`` when some are, else ``failure``."""
+        if not self.rejected:
+            return "success"
+        return "partial" if self.browses else "failure"
+
+
+class NewItem(_Model):
+    """A ``/newitem`` JSON sidecar: ``{collection_id, date, name, filename, ..., properties}``."""
+
+    source: str
+    collection_id: str | None = None
+    date: dt.datetime | None = None
+    name: str | None = None
+    filename: str | None = None
+    stac_api_server: str | None = None
+    file_source_host: str | None = None
+    properties: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- shared helpers ------------------------------------------------------------------------------
+
+
+def parse_time(value: str) -> dt.datetime:
+    """Parse an ISO 8601 date or date-time as a timezone-aware UTC datetime.
+
+    A value without an offset is taken as UTC; a date alone is midnight UTC.
+
+    Raises:
+        ValueError: ``value`` is not an ISO 8601 date or date-time.
+
+    """
+    text = value.strip()
+    if not text:
+        raise ValueError("empty date")
+    if text[-1] in "zZ":
+        text = text[:-1] + "+00:00"
+    parsed = dt.datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.astimezone(dt.UTC)
+
+
+_EPSG = re.compile(r"^epsg:+(\d+)$", re.IGNORECASE)
+
+
+def normalize_reference_system(value: str) -> str:
+    """Drop stray whitespace from a reference system identifier: ``EPSG: 4326`` -> ``EPSG:4326``."""
+    compact = re.sub(r"\s+", "", value)
+    m = _EPSG.match(compact)
+    return f"EPSG:{m.group(1)}" if m else compact
+
+
+# --- browse reports ------------------------------------------------------------------------------
+
+
+class _BrowseError(Exception):
+    """One browse cannot be used; becomes a :class:`RejectedBrowse`."""
+
+
+def _text(parent: Element, ns: str, name: str) -> str | None:
+    child = parent.find(f"{{{ns}}}{name}")
+    if child is None or child.text is None:
+        return None
+    text = child.text.strip()
+    return text or None
+
+
+def _numbers(text: str | None, what: str) -> tuple[float, ...]:
+    if text is None:
+        raise _BrowseError(f"{what} is missing or empty")
+    try:
+        values = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise _BrowseError(f"{what} holds something that is not a number: {text[:80]!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise _BrowseError(f"{what} holds a non-finite number: {text[:80]!r}")
+    return values
+
+
+def _integer(text: str | None, what: str) -> int:
+    if text is None:
+        raise _BrowseError(f"{what} is missing")
+    try:
+        value = int(text)
+    except ValueError:
+        raise _BrowseError(f"{what} is not an integer: {text[:40]!r}") from None
+    if value < 2:
+        raise _BrowseError(f"{what} must be at least 2, got {value}")
+    return value
+
+
+def _step(text: str | None, what: str) -> float:
+    values = _numbers(text, what)
+    if len(values) != 1 or not values[0] > 0:
+        raise _BrowseError(f"{what} must be one positive number, got {text!r}")
+    return values[0]
+
+
+def _georeference(browse: Element, ns: str) -> GeoReference:
+    present = [k for k in GEOREFERENCE_KINDS if browse.find(f"{{{ns}}}{k}") is not None]
+    if not present:
+        raise _BrowseError(f"no geo-reference (expected one of {', '.join(GEOREFERENCE_KINDS)})")
+    if len(present) > 1:
+        raise _BrowseError(f"more than one geo-reference: {', '.join(present)}")
+    kind = present[0]
+    elem = browse.find(f"{{{ns}}}{kind}")
+    assert elem is not None
+    if kind == "rectifiedBrowse":
+        coords = _numbers(_text(elem, ns, "coordList"), "rectifiedBrowse/coordList")
+        if len(coords) != 4:
+            raise _BrowseError(f"rectifiedBrowse/coordList needs 4 numbers, got {len(coords)}")
+        return GeoReference(kind=kind, coords=coords)
+    if kind == "footprint":
+        col_rows = _numbers(_text(elem, ns, "colRowList"), "footprint/colRowList")
+        coords = _numbers(_text(elem, ns, "coordList"), "footprint/coordList")
+        if len(coords) % 2 or len(col_rows) % 2 or len(coords) != len(col_rows) or len(coords) < 6:
+            raise _BrowseError(
+                "footprint needs colRowList and coordList with the same number (at least 3) of pairs, "
+                f"got {len(col_rows)} and {len(coords)} numbers"
+            )
+        declared = elem.get("nodeNumber")
+        if declared is not None and declared.strip() != str(len(coords) // 2):
+            raise _BrowseError(
+                f"footprint nodeNumber {declared!r} differs from the {len(coords) // 2} pairs given"
+            )
+        return GeoReference(kind=kind, coords=coords, col_rows=col_rows, node_number=len(coords) // 2)
+    if kind == "regularGrid":
+        cols = _integer(_text(elem, ns, "colNodeNumber"), "regularGrid/colNodeNumber")
+        rows = _integer(_text(elem, ns, "rowNodeNumber"), "regularGrid/rowNodeNumber")
+        col_step = _step(_text(elem, ns, "colStep"), "regularGrid/colStep")
+        row_step = _step(_text(elem, ns, "rowStep"), "regularGrid/rowStep")
+        lists = elem.findall(f"{{{ns}}}coordList")
+        if len(lists) != rows:
+            raise _BrowseError(f"regularGrid has {len(lists)} coordList rows, rowNodeNumber says {rows}")
+        coords_all: list[float] = []
+        for i, row in enumerate(lists, 1):
+            numbers = _numbers((row.text or "").strip() or None, f"regularGrid/coordList row {i}")
+            if len(numbers) != 2 * cols:
+                raise _BrowseError(
+                    f"regularGrid/coordList row {i} needs {2 * cols} numbers (colNodeNumber {cols}), "
+                    f"got {len(numbers)}"
+                )
+            coords_all.extend(numbers)
+        return GeoReference(
+            kind=kind,
+            coords=tuple(coords_all),
+            col_node_number=cols,
+            row_node_number=rows,
+            col_step=col_step,
+            row_step=row_step,
+        )
+    return GeoReference(kind="modelInGeotiff")
+
+
+def _browse_time(elem: Element, ns: str, name: str) -> dt.datetime:
+    value = _text(elem, ns, name)
+    if value is None:
+        raise _BrowseError(f"{name} is missing")
+    try:
+        return parse_time(value)
+    except ValueError:
+        raise _BrowseError(f"{name} {value[:60]!r} is not an ISO 8601 date-time") from None
+
+
+def _browse(elem: Element, ns: str, index: int) -> Browse:
+    file_name = _text(elem, ns, "fileName")
+    if file_name is None:
+        raise _BrowseError("fileName is missing")
+    start = _browse_time(elem, ns, "startTime")
+    end = _browse_time(elem, ns, "endTime")
+    if end < start:
+        raise _BrowseError(f"endTime {end.isoformat()} is before startTime {start.isoformat()}")
+    rsi = _text(elem, ns, "referenceSystemIdentifier")
+    return Browse(
+        index=index,
+        identifier=_text(elem, ns, "browseIdentifier"),
+        file_name=file_name,
+        image_type=_text(elem, ns, "imageType"),
+        reference_system=normalize_reference_system(rsi) if rsi else None,
+        georeference=_georeference(elem, ns),
+        start=start,
+        end=end,
+    )
+
+
+def _parse_xml(data: bytes, source: str) -> Element:
+    if len(data) > MAX_REPORT_BYTES:
+        raise ReportError(f"browse report {source!r} is larger than {MAX_REPORT_BYTES} bytes")
+    try:
+        return fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except DefusedXmlException as e:
+        raise ReportError(
+            f"browse report {source!r} refused: it declares a DTD, entities or external references "
+            f"({type(e).__name__}); reports must be plain XML"
+        ) from e
+    except ParseError as e:
+        raise ReportError(f"browse report {source!r} is not well-formed XML: {e}") from e
+
+
+def parse_browse_report(data: bytes, source: str) -> BrowseReport:
+    """Parse an ngEO browse report safely.
+
+    Args:
+        data: the report's bytes.
+        source: the report's key or file name, used in every message.
+
+    Raises:
+        ReportError: the XML is unsafe (DTD, entities, external references), malformed, too large,
+            not a ``rep:browseReport`` in a known namespace, has a bad ``dateTime`` or no browse.
+
+    """
+    root = _parse_xml(data, source)
+    ns, _, local = root.tag[1:].partition("}") if root.tag.startswith("{") else ("", "", root.tag)
+    if local != "browseReport" or ns not in NAMESPACES:
+        raise ReportError(
+            f"browse report {source!r}: root element is {root.tag!r}, expected browseReport in "
+            f"namespace {NS_BROWSE_REPORT} or {NS_BROWSE_REPORT_OLD}"
+        )
+    date_text = _text(root, ns, "dateTime")
+    try:
+        date_time = parse_time(date_text) if date_text else None
+    except ValueError:
+        raise ReportError(
+            f"browse report {source!r}: dateTime {date_text!r} is not an ISO 8601 date-time"
+        ) from None
+    elems = root.findall(f"{{{ns}}}browse")
+    if not elems:
+        raise ReportError(f"browse report {source!r} holds no browse")
+    browses: list[Browse] = []
+    rejected: list[RejectedBrowse] = []
+    for index, elem in enumerate(elems, 1):
+        try:
+            browses.append(_browse(elem, ns, index))
+        except _BrowseError as e:
+            rejected.append(
+                RejectedBrowse(
+                    index=index,
+                    identifier=_text(elem, ns, "browseIdentifier"),
+                    file_name=_text(elem, ns, "fileName"),
+                    message=str(e),
+                )
+            )
+    return BrowseReport(
+        source=source,
+        namespace=ns,
+        responsible_org_name=_text(root, ns, "responsibleOrgName"),
+        date_time=date_time,
+        browse_type=_text(root, ns, "browseType"),
+        browses=tuple(browses),
+        rejected=tuple(rejected),
+    )
+
+
+# --- /newitem JSON sidecars ----------------------------------------------------------------------
+
+_NEWITEM_STRINGS = ("collection_id", "name", "filename", "stac_api_server", "file_source_host")
+
+
+def parse_newitem(data: bytes, source: str) -> NewItem:
+    """Parse a ``/newitem`` JSON sidecar.
+
+    Every field is optional; ``date`` is the item's datetime (ISO 8601, UTC when no offset is given).
+    Top-level keys outside the ``/newitem`` shape are ignored.
+
+    Raises:
+        ReportError: not UTF-8 JSON, not an object, a field of the wrong type, or a ``date`` that
+            does not parse (the message names the product).
+
+    """
+    if len(data) > MAX_REPORT_BYTES:
+        raise ReportError(f"sidecar {source!r} is larger than {MAX_REPORT_BYTES} bytes")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ReportError(f"sidecar {source!r} is not valid UTF-8 JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise ReportError(f"sidecar {source!r} must hold a JSON object, got {type(doc).__name__}")
+    fields: dict[str, Any] = {}
+    for name in _NEWITEM_STRINGS:
+        value = doc.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ReportError(f"sidecar {source!r}: {name} must be a string, got {type(value).__name__}")
+        fields[name] = (value.strip() or None) if isinstance(value, str) else None
+    properties = doc.get("properties")
+    if properties is None:
+        properties = {}
+    if not isinstance(properties, dict):
+        raise ReportError(
+            f"sidecar {source!r}: properties must be an object, got {type(properties).__name__}"
+        )
+    raw_date = doc.get("date")
+    date: dt.datetime | None = None
+    if raw_date is not None:
+        product = fields["name"] or fields["filename"] or source
+        if not isinstance(raw_date, str):
+            raise ReportError(
+                f"product {product!r} (sidecar {source!r}): date must be an ISO 8601 string, got {raw_date!r}"
+            )
+        try:
+            date = parse_time(raw_date)
+        except ValueError:
+            raise ReportError(
+                f"product {product!r} (sidecar {source!r}): date {raw_date[:60]!r} is not an ISO 8601 "
+                "date or date-time"
+            ) from None
+    return NewItem(source=source, date=date, properties=properties, **fields)
