@@ -111,3 +111,7 @@ class DataCatalogError(SkyvaultError):
 
 class TransientDataCatalogError(DataCatalogError, TransientError):
     """The data catalog could not be reached or answered 502/503/504."""
+
+
+class InvalidSeedRequestError(SkyvaultError):
+    """A seed request is inconsistent: another collection, an empty zoom range, a bad chunk size."""
