@@ -31,10 +31,11 @@ retrieval failure         ``datasetRetrievalFailed`` (+ ``retrieveIntegrityCheck
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 from urllib.parse import quote
@@ -53,6 +54,8 @@ from skyvault.errors import (
     TransientDataCatalogError,
     VerificationError,
 )
+from skyvault.ids import check_id
+from skyvault.models import ArchiveResult, JobDataset, JobDatasetResult, RetrieveResult
 from skyvault.tasks.policy import TASK_POLICY
 
 log = logging.getLogger(__name__)
@@ -157,6 +160,193 @@ def job_status(succeeded: int, failed: int) -> JobStatus:
     if succeeded > 0:
         return JobStatus.FINISHED_WITH_DATASET_ERRORS
     return JobStatus.FINISHED_UNSUCCESSFUL
+
+
+# --- job datasets and outcomes ------------------------------------------------------------------
+
+
+def dataset_id_for_pid(pid: str) -> str:
+    """The archive id (LTS folder name) of a catalog dataset pid.
+
+    A pid that is already a safe id is used as it is. Otherwise (SciCat pids such as
+    ``20.500.12269/abc``) every ``/`` becomes ``_`` and the first 12 hex digits of the pid's SHA-256
+    are appended, so two pids never share an id: ``20.500.12269_abc-<hash>``. The result is checked
+    again by the archive and retrieve flows (a pid with ``..`` stays unsafe).
+    """
+    check_path_id(pid, "dataset pid")
+    try:
+        return check_id(pid, "dataset id")
+    except InvalidIdentifierError:
+        digest = hashlib.sha256(pid.encode("utf-8")).hexdigest()[:12]
+        return f"{pid.replace('/', '_')[:180]}-{digest}"
+
+
+def parse_job_datasets(job_id: str, datasets: Sequence[str | Mapping[str, Any]]) -> list[JobDataset]:
+    """The datasets of a job from its ``datasetList``: pids, or objects with a ``pid``.
+
+    An object may also give ``dataset_id`` (the archive id), ``source_prefix`` or ``source_dir``;
+    other keys (SciCat's ``files``) are ignored. Without a source, a dataset's files are under
+    ``landing/<pid>/`` on the object store.
+
+    Raises:
+        InvalidIdentifierError: the job id is unsafe, an entry has no usable pid, or the list is
+            empty or names a pid twice.
+
+    """
+    check_path_id(job_id, "job id")
+    if not datasets:
+        raise InvalidIdentifierError(f"job {job_id!r} lists no datasets")
+    out: list[JobDataset] = []
+    for entry in datasets:
+        spec: dict[str, Any] = {"pid": entry} if isinstance(entry, str) else dict(entry)
+        pid = spec.get("pid")
+        if not isinstance(pid, str):
+            raise InvalidIdentifierError(f"job {job_id!r}: dataset entry {entry!r} has no pid")
+        check_path_id(pid, "dataset pid")
+        source_prefix = spec.get("source_prefix")
+        source_dir = spec.get("source_dir")
+        if source_prefix is None and source_dir is None:
+            source_prefix = f"landing/{pid}/"
+        out.append(
+            JobDataset(
+                pid=pid,
+                dataset_id=spec.get("dataset_id") or dataset_id_for_pid(pid),
+                source_prefix=source_prefix,
+                source_dir=source_dir,
+            )
+        )
+    pids = [d.pid for d in out]
+    if len(set(pids)) != len(pids):
+        raise InvalidIdentifierError(f"job {job_id!r} names a dataset twice: {pids}")
+    return out
+
+
+def _failure_message(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def archive_outcome(
+    dataset: JobDataset, outcome: ArchiveResult | BaseException
+) -> tuple[JobDatasetResult, DatasetLifecycle]:
+    """The per-dataset result and lifecycle update for an archive run's result or error."""
+    if isinstance(outcome, BaseException):
+        lifecycle = archive_failed(outcome)
+        return (
+            JobDatasetResult(
+                pid=dataset.pid,
+                dataset_id=dataset.dataset_id,
+                ok=False,
+                status=str(lifecycle.archive_status_message),
+                message=_failure_message(outcome),
+                error=type(outcome).__name__,
+            ),
+            lifecycle,
+        )
+    lifecycle = archive_succeeded(landing_removed=outcome.landing_deleted > 0)
+    return (
+        JobDatasetResult(
+            pid=dataset.pid,
+            dataset_id=dataset.dataset_id,
+            ok=True,
+            status=str(lifecycle.archive_status_message),
+            message=(
+                f"{outcome.file_count} files in {len(outcome.datablocks)} datablocks on LTS"
+                if outcome.created
+                else "already on LTS"
+            ),
+            datablocks=len(outcome.datablocks),
+            bytes=outcome.archived_bytes,
+        ),
+        lifecycle,
+    )
+
+
+def retrieve_outcome(
+    dataset: JobDataset, outcome: RetrieveResult | BaseException
+) -> tuple[JobDatasetResult, DatasetLifecycle]:
+    """The per-dataset result and lifecycle update for a retrieval's result or error."""
+    if isinstance(outcome, BaseException):
+        lifecycle = retrieve_failed(outcome)
+        return (
+            JobDatasetResult(
+                pid=dataset.pid,
+                dataset_id=dataset.dataset_id,
+                ok=False,
+                status=str(lifecycle.retrieve_status_message),
+                message=_failure_message(outcome),
+                error=type(outcome).__name__,
+            ),
+            lifecycle,
+        )
+    lifecycle = retrieve_succeeded()
+    return (
+        JobDatasetResult(
+            pid=dataset.pid,
+            dataset_id=dataset.dataset_id,
+            ok=True,
+            status=str(lifecycle.retrieve_status_message),
+            message=f"{len(outcome.datablocks)} datablocks ready for download",
+            datablocks=len(outcome.datablocks),
+            bytes=sum(b.size for b in outcome.datablocks),
+            urls=tuple(b.url for b in outcome.datablocks),
+            script_url=outcome.script_url,
+            expires_at=outcome.expires_at,
+        ),
+        lifecycle,
+    )
+
+
+def job_result_object(results: list[JobDatasetResult]) -> dict[str, Any]:
+    """The ``jobResultObject`` of a finished job: one entry per dataset."""
+    entries: list[dict[str, Any]] = []
+    for r in results:
+        entry: dict[str, Any] = {
+            "pid": r.pid,
+            "datasetId": r.dataset_id,
+            "status": r.status,
+            "success": r.ok,
+            "message": r.message,
+        }
+        if r.datablocks:
+            entry["datablocks"] = r.datablocks
+            entry["size"] = r.bytes
+        if r.urls:
+            entry["urls"] = list(r.urls)
+        if r.script_url:
+            entry["downloadScript"] = r.script_url
+        if r.expires_at:
+            entry["expiresAt"] = r.expires_at.isoformat()
+        entries.append(entry)
+    return {"result": entries}
+
+
+def job_summary(kind: str, job_id: str, status: JobStatus, results: list[JobDatasetResult]) -> str:
+    """A markdown summary of a finished job: its final word and one line per dataset."""
+    failed = [r for r in results if not r.ok]
+    lines = [
+        f"# {kind} job `{job_id}`: {status.value}",
+        "",
+        f"{len(results) - len(failed)} of {len(results)} datasets succeeded.",
+        "",
+        "| pid | dataset id | status | datablocks | message |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        message = r.message.replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| `{r.pid}` | `{r.dataset_id}` | {r.status} | {r.datablocks} | {message} |")
+    for r in results:
+        if r.script_url:
+            lines += ["", f"[download script for `{r.pid}`]({r.script_url})"]
+    return "\n".join(lines) + "\n"
+
+
+def job_state_message(kind: str, job_id: str, results: list[JobDatasetResult]) -> str:
+    """The message of a job run's final state, naming every failed dataset."""
+    failed = [r for r in results if not r.ok]
+    if not failed:
+        return f"{kind} job {job_id!r}: all {len(results)} datasets succeeded"
+    names = "; ".join(f"{r.pid} ({r.status}: {r.message})" for r in failed)
+    return f"{kind} job {job_id!r}: {len(failed)} of {len(results)} datasets failed: {names}"
 
 
 # --- HTTP -----------------------------------------------------------------------------------------

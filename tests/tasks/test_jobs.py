@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import socket
@@ -23,6 +24,8 @@ from skyvault.errors import (
     TransientDataCatalogError,
     VerificationError,
 )
+from skyvault.ids import check_id
+from skyvault.models import ArchiveResult, DatablockInfo, JobDataset, RetrievedBlock, RetrieveResult
 from skyvault.tasks import jobs
 from skyvault.tasks.jobs import DatasetLifecycle, JobStatus
 
@@ -367,3 +370,109 @@ def test_secrets_never_reach_logs_exceptions_or_reprs(
         assert PASSWORD not in text
         assert TOKEN not in text
     assert "job-10" in caplog.text
+
+
+def test_pids_become_safe_distinct_archive_ids() -> None:
+    assert jobs.dataset_id_for_pid("ds-2026.01_a") == "ds-2026.01_a"
+    scicat = jobs.dataset_id_for_pid("20.500.12269/abc-1")
+    assert scicat.startswith("20.500.12269_abc-1-")
+    assert check_id(scicat) == scicat
+    assert jobs.dataset_id_for_pid("20.500.12269/abc-1") == scicat
+    assert jobs.dataset_id_for_pid("a/b") != jobs.dataset_id_for_pid("a_b")
+    with pytest.raises(InvalidIdentifierError):
+        check_id(jobs.dataset_id_for_pid("../etc"))
+
+
+def test_job_dataset_lists_accept_pids_and_scicat_objects() -> None:
+    parsed = jobs.parse_job_datasets(
+        "job-11",
+        [
+            "plain-1",
+            {"pid": "20.500.12269/abc", "files": []},
+            {"pid": "local-1", "source_dir": "/data/local-1", "dataset_id": "local-one"},
+        ],
+    )
+    assert parsed == [
+        JobDataset(pid="plain-1", dataset_id="plain-1", source_prefix="landing/plain-1/"),
+        JobDataset(
+            pid="20.500.12269/abc",
+            dataset_id=jobs.dataset_id_for_pid("20.500.12269/abc"),
+            source_prefix="landing/20.500.12269/abc/",
+        ),
+        JobDataset(pid="local-1", dataset_id="local-one", source_dir="/data/local-1"),
+    ]
+    bad_lists: list[list[str | dict[str, Any]]] = [[], [{"files": []}], ["a", "a"], [".."]]
+    for bad in bad_lists:
+        with pytest.raises(InvalidIdentifierError, match=r"job-11|'\.\.'"):
+            jobs.parse_job_datasets("job-11", bad)
+
+
+def _archive_result(landing_deleted: int) -> ArchiveResult:
+    block = DatablockInfo(name="d1_00001.tar", size=10240, sha256="ab" * 32, files=3)
+    return ArchiveResult(
+        dataset_id="d1",
+        source="store:landing/d1/",
+        manifest_path="/lts/d1/manifest.json",
+        file_count=3,
+        total_bytes=300,
+        archived_bytes=10240,
+        datablocks=(block,),
+        landing_deleted=landing_deleted,
+    )
+
+
+def test_outcomes_map_to_catalog_words_and_result_entries() -> None:
+    ds = JobDataset(pid="20.500.1/d1", dataset_id="d1", source_prefix="landing/20.500.1/d1/")
+    ok, lifecycle = jobs.archive_outcome(ds, _archive_result(landing_deleted=3))
+    assert lifecycle == jobs.archive_succeeded(landing_removed=True)
+    _, kept = jobs.archive_outcome(ds, _archive_result(landing_deleted=0))
+    assert "isOnCentralDisk" not in kept.fields()
+    missing, lifecycle = jobs.archive_outcome(
+        ds, MissingFilesError("dataset 'd1': no files under landing/d1/")
+    )
+    assert lifecycle.fields() == {"archiveStatusMessage": "missingFilesError"}
+    corrupt, lifecycle = jobs.archive_outcome(ds, VerificationError("d1_00001.tar: checksum differs"))
+    assert lifecycle.fields() == {"archiveStatusMessage": "scheduleArchiveJobFailed", "archivable": True}
+
+    expires = dt.datetime(2026, 1, 8, tzinfo=dt.UTC)
+    retrieved = RetrieveResult(
+        dataset_id="d1",
+        prefix="retrieval/d1/",
+        datablocks=(
+            RetrievedBlock(
+                name="d1_00001.tar",
+                key="retrieval/d1/d1_00001.tar",
+                size=10240,
+                sha256="ab" * 32,
+                url="http://127.0.0.1/retrieval/d1/d1_00001.tar?sig=1",
+                copied=True,
+            ),
+        ),
+        script_key="retrieval/d1/download.sh",
+        script_url="http://127.0.0.1/retrieval/d1/download.sh?sig=2",
+        expires_at=expires,
+    )
+    got, lifecycle = jobs.retrieve_outcome(ds, retrieved)
+    assert lifecycle == jobs.retrieve_succeeded()
+
+    body = jobs.job_result_object([ok, missing, corrupt, got])
+    assert body["result"][0] == {
+        "pid": "20.500.1/d1",
+        "datasetId": "d1",
+        "status": "datasetOnArchiveDisk",
+        "success": True,
+        "message": "3 files in 1 datablocks on LTS",
+        "datablocks": 1,
+        "size": 10240,
+    }
+    assert body["result"][1]["status"] == "missingFilesError"
+    assert body["result"][1]["success"] is False
+    assert "no files under landing/d1/" in body["result"][1]["message"]
+    assert body["result"][2]["status"] == "scheduleArchiveJobFailed"
+    assert body["result"][3]["urls"] == ["http://127.0.0.1/retrieval/d1/d1_00001.tar?sig=1"]
+    assert body["result"][3]["downloadScript"] == retrieved.script_url
+    assert body["result"][3]["expiresAt"] == expires.isoformat()
+    message = jobs.job_state_message("archive", "job-12", [ok, missing, corrupt])
+    assert "2 of 3 datasets failed" in message
+    assert "missingFilesError" in message
+    assert "scheduleArchiveJobFailed" in message
