@@ -115,3 +115,7 @@ class TransientDataCatalogError(DataCatalogError, TransientError):
 
 class InvalidSeedRequestError(SkyvaultError):
     """A seed request is inconsistent: another collection, an empty zoom range, a bad chunk size."""
+
+
+class TransientCatalogError(CatalogError, TransientError):
+    """A catalog read or write failed in a way that may succeed on retry."""
