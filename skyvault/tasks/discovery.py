@@ -22,6 +22,7 @@ import fnmatch
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -48,6 +49,9 @@ LANDING = "landing/"
 
 #: What counts as a raster in a folder that is not a configured collection (for its failures).
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt")
+
+#: Reports and sidecars read at the same time (object store GETs are I/O bound).
+READ_WORKERS = 8
 
 ObjectKind = Literal["report", "sidecar", "ignored", "data"]
 
@@ -94,7 +98,13 @@ def resolve_in_folder(describer_key: str, file_name: str) -> str:
             f"{describer_key!r} names file {file_name!r}: it must be a path relative to the report's "
             "folder, without '..'"
         )
-    return check_key(describer_key.rsplit("/", 1)[0] + "/" + file_name)
+    key = describer_key.rsplit("/", 1)[0] + "/" + file_name
+    try:
+        return check_key(key)
+    except StorageError as e:
+        raise ReportError(
+            f"{describer_key!r} names file {file_name!r}, which is not a safe object key"
+        ) from e
 
 
 def _is_raster_name(key: str) -> bool:
@@ -134,12 +144,12 @@ def _is_same_stem(describer_key: str, key: str) -> bool:
 
 
 class _ListedView:
-    """Objects of one listing, looked up by key."""
+    """Objects of one listing, looked up by key; ``rasters`` (if given) limits same-stem matches."""
 
-    def __init__(self, objects: Iterable[ObjectInfo]) -> None:
+    def __init__(self, objects: Iterable[ObjectInfo], rasters: set[str] | None = None) -> None:
         self.objects = {o.key: o for o in objects}
         self._by_folder: dict[str, list[str]] = defaultdict(list)
-        for key in self.objects:
+        for key in self.objects if rasters is None else rasters:
             self._by_folder[key.rsplit("/", 1)[0]].append(key)
 
     def get(self, key: str) -> ObjectInfo | None:
@@ -209,7 +219,7 @@ def _report_claims(collection: str, report: BrowseReport, out: _Described) -> No
         if rejected.file_name:
             try:
                 related = (resolve_in_folder(key, rejected.file_name),)
-            except (ReportError, StorageError):
+            except ReportError:
                 related = ()
         out.held.update(related)
         label = _browse_label(rejected.index, rejected.identifier)
@@ -225,7 +235,7 @@ def _report_claims(collection: str, report: BrowseReport, out: _Described) -> No
         label = _browse_label(browse.index, browse.identifier)
         try:
             raster_key = resolve_in_folder(key, browse.file_name)
-        except (ReportError, StorageError) as e:
+        except ReportError as e:
             out.failures.append(_fail(collection, key, f"{label} of report {key!r}: {e}"))
             continue
         properties = {
@@ -262,6 +272,8 @@ def _sidecar_claim(collection: str, item: NewItem, view: _View) -> _Claim:
         raster_key = resolve_in_folder(key, file_name)
     else:
         candidates = view.same_stem(key)
+        if len(candidates) > 1:
+            candidates = [k for k in candidates if _is_raster_name(k)] or candidates
         if not candidates:
             raise ReportError(f"sidecar {key!r} has no filename and no raster with its stem lies next to it")
         if len(candidates) > 1:
@@ -292,20 +304,17 @@ def _read_describer(store: ObjectStore, collection: str, info: ObjectInfo, view:
     try:
         if info.size > MAX_REPORT_BYTES:
             raise ReportError(f"{kind} {key!r} is larger than {MAX_REPORT_BYTES} bytes")
-        try:
-            data = store.get_bytes(key)
-        except TransientError:
-            raise
-        except StorageError as e:
-            raise ReportError(f"cannot read {kind} {key!r}: {e}") from e
+        data = store.get_bytes(key)
         if kind == "report":
             _report_claims(collection, parse_browse_report(data, key), out)
         else:
             item = parse_newitem(data, key)
             if item.filename:
-                with contextlib.suppress(ReportError, StorageError):
+                with contextlib.suppress(ReportError):
                     out.held.add(resolve_in_folder(key, item.filename))
             out.claims.append(_sidecar_claim(collection, item, view))
+    except TransientError:
+        raise
     except (ReportError, StorageError) as e:
         out.held.update(view.same_stem(key))
         out.failures.append(_fail(collection, key, str(e), *sorted(out.held)))
@@ -458,30 +467,22 @@ def _collection_folder(
     objects: list[ObjectInfo],
     matches: Callable[[str], bool],
     pattern_overridden: bool,
-    since: dt.datetime | None,
 ) -> tuple[list[_Candidate], list[_Failure]]:
+    """Candidates and failures of one collection folder, before ``since`` and duplicate checks.
+
+    Every report and sidecar is read, even unchanged ones, so ids (and their duplicates) are the
+    same whatever ``since`` is; reads run concurrently.
+    """
     prefix = f"{LANDING}{config.id}/"
-    view = _ListedView(objects)
-    data = [o for o in objects if object_kind(o.key) == "data"]
-    rasters = {o.key for o in data if matches(o.key[len(prefix) :])}
-    changed_folders = {
-        o.key.rsplit("/", 1)[0] + "/" for o in data if since is None or o.last_modified > since
-    }
+    rasters = {o.key for o in objects if object_kind(o.key) == "data" and matches(o.key[len(prefix) :])}
+    view = _ListedView(objects, rasters)
+    describers = [o for o in objects if object_kind(o.key) in ("report", "sidecar")]
     described = _Described()
-    for info in objects:
-        if object_kind(info.key) not in ("report", "sidecar"):
-            continue
-        folder = info.key.rsplit("/", 1)[0] + "/"
-        if (
-            since is not None
-            and info.last_modified <= since
-            and not any(f.startswith(folder) for f in changed_folders)
-        ):
-            continue
-        one = _read_describer(store, config.id, info, view)
-        described.claims.extend(one.claims)
-        described.failures.extend(one.failures)
-        described.held.update(one.held)
+    with ThreadPoolExecutor(max_workers=READ_WORKERS) as pool:
+        for one in pool.map(lambda info: _read_describer(store, config.id, info, view), describers):
+            described.claims.extend(one.claims)
+            described.failures.extend(one.failures)
+            described.held.update(one.held)
 
     def accept(raster_key: str) -> str | None:
         if raster_key in rasters:
@@ -542,7 +543,7 @@ def discover(
     for folder in sorted(groups):
         if folder in targets:
             found, failed = _collection_folder(
-                obj_store, targets[folder], groups[folder], matchers[folder], pattern is not None, since
+                obj_store, targets[folder], groups[folder], matchers[folder], pattern is not None
             )
             candidates.extend(found)
             failures.extend(failed)

@@ -451,3 +451,38 @@ def test_tasks_wrap_the_functions(local: StoreSettings) -> None:
     assert read_report.tags == {"object-store-read"}
     assert discover_products.fn(local, collections()) == discover(local, collections())
     assert read_report.fn(local, collections(), "landing/scenes/a.xml").products[0].id == "A"
+
+
+def test_duplicate_with_an_unchanged_product_is_still_caught_with_since(local: StoreSettings) -> None:
+    put(
+        local,
+        {
+            "landing/scenes/2025/x.tif": b"x",
+            "landing/scenes/2025/x.xml": report(browse("x.tif", identifier="SCENE")),
+            "landing/scenes/2026/y.tif": b"x",
+            "landing/scenes/2026/y.json": sidecar(name="SCENE"),
+        },
+    )
+    cutoff = dt.datetime(2026, 1, 1, tzinfo=UTC)
+    for key in ["2025/x.tif", "2025/x.xml"]:
+        _age(local, f"landing/scenes/{key}", cutoff - dt.timedelta(days=1))
+    found = discover(local, collections(), since=cutoff)
+    assert found.products == []
+    (failure,) = found.failures
+    assert "duplicate product id 'SCENE'" in failure.message
+    assert "landing/scenes/2025/x.tif" in failure.message
+
+
+def test_sidecar_without_filename_prefers_the_raster_among_same_stem_files(local: StoreSettings) -> None:
+    put(
+        local,
+        {
+            "landing/scenes/x.tif": b"x",
+            "landing/scenes/x.md5": b"d41d8cd98f00b204e9800998ecf8427e",
+            "landing/scenes/x.json": sidecar(date="2026-01-02"),
+        },
+    )
+    (product,) = discover(local, collections()).products
+    assert (product.source_key, product.sidecar_key) == ("landing/scenes/x.tif", "landing/scenes/x.json")
+    (single,) = products_from_report(local, collections(), "landing/scenes/x.json").products
+    assert single == product
