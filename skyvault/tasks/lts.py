@@ -1,0 +1,578 @@
+"""Long-term storage: datablocks written, verified and read back; manifests; retrieval copies.
+
+LTS is a mounted folder, ``<lts-root>/<dataset-id>/``. A datablock is streamed straight from its
+sources into ``<name>.part`` while the tar's sha256 and every member's sha256 are computed (one
+pass, no scratch copy), fsynced and renamed when complete. Verification reads it back with the
+page cache for that file dropped, so the bytes come from the device, and compares the tar
+checksum and every member's checksum. ``manifest.json`` is written last: its presence means the
+dataset's archive is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import hashlib
+import os
+import shlex
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from prefect import task
+from pydantic import ValidationError
+
+from skyvault.checksum import sha256_stream
+from skyvault.config.settings import LtsSettings, StoreSettings
+from skyvault.errors import (
+    DatasetError,
+    InsufficientSpaceError,
+    MissingFilesError,
+    StorageError,
+    VerificationError,
+)
+from skyvault.ids import check_id
+from skyvault.models import (
+    Datablock,
+    DatablockMember,
+    DatasetFile,
+    DatasetSource,
+    Manifest,
+    PlannedDatablock,
+    RetrievedBlock,
+    RetrieveResult,
+)
+from skyvault.tasks.packing import open_file, padding, tar_header, tar_trailer
+from skyvault.tasks.policy import TASK_POLICY
+from skyvault.tasks.storage import ObjectStore, open_store
+
+CHUNK = 4 * 1024 * 1024
+MANIFEST = "manifest.json"
+PART = ".part"
+SCRIPT = "download.sh"
+SPACE_POLL_SECONDS = 10.0
+LOCK_LEASE_SECONDS = 300.0
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_ZEROS = bytes(512)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def dataset_dir(lts: LtsSettings, dataset_id: str) -> Path:
+    """The dataset's folder on LTS, ``<lts-root>/<dataset-id>``."""
+    return lts.root / check_id(dataset_id, "dataset id")
+
+
+def manifest_path(lts: LtsSettings, dataset_id: str) -> Path:
+    """Where the dataset's manifest is on LTS."""
+    return dataset_dir(lts, dataset_id) / MANIFEST
+
+
+# --- free space -----------------------------------------------------------------------------------
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes available to this process on the filesystem holding ``path`` (or its nearest parent)."""
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    st = os.statvfs(probe)
+    return st.f_bavail * st.f_frsize
+
+
+def ensure_free_space(
+    lts: LtsSettings,
+    dataset_id: str,
+    needed: int,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """Wait (at most ``lts.free_space_wait_seconds``) until LTS has ``needed`` bytes plus the margin.
+
+    Returns:
+        The free bytes seen.
+
+    Raises:
+        InsufficientSpaceError: still not enough space when the wait is over; the message names
+            the dataset, the bytes needed (with the margin) and the bytes free.
+
+    """
+    deadline = clock() + lts.free_space_wait_seconds
+    while True:
+        free = free_bytes(lts.root)
+        if free >= needed + lts.free_space_margin_bytes:
+            return free
+        left = deadline - clock()
+        if left <= 0:
+            raise InsufficientSpaceError(
+                f"not enough free space on LTS {lts.root} for dataset {dataset_id!r}: "
+                f"{needed + lts.free_space_margin_bytes} bytes needed ({needed} for its datablocks "
+                f"+ {lts.free_space_margin_bytes} margin), {free} bytes free"
+            )
+        sleep(min(SPACE_POLL_SECONDS, left))
+
+
+# --- writing and verifying datablocks ---------------------------------------------------------------
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _TarWriter:
+    """Writes bytes to a file descriptor, hashing them, and counts the offset."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.offset = 0
+        self.sha = hashlib.sha256()
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.sha.update(data)
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self.offset += len(data)
+
+
+def _copy_member(
+    source: DatasetSource, file: DatasetFile, objects: ObjectStore | None, out: _TarWriter
+) -> str:
+    sha = hashlib.sha256()
+    with open_file(source, file, objects) as stream:
+        remaining = file.size
+        while remaining:
+            chunk = stream.read(min(CHUNK, remaining))
+            if not chunk:
+                raise MissingFilesError(
+                    f"dataset {source.dataset_id!r}: {file.path!r} ended after {file.size - remaining} "
+                    f"of {file.size} bytes (changed while archiving?)"
+                )
+            sha.update(chunk)
+            out.write(chunk)
+            remaining -= len(chunk)
+        if stream.read(1):
+            raise DatasetError(
+                f"dataset {source.dataset_id!r}: {file.path!r} grew beyond {file.size} bytes while archiving"
+            )
+    return sha.hexdigest()
+
+
+def write_datablock(
+    block: PlannedDatablock, source: DatasetSource, store: StoreSettings, lts: LtsSettings
+) -> Datablock:
+    """Stream a planned datablock from its sources to LTS, checksumming as it is written.
+
+    The tar is written to ``<name>.part``, fsynced, then renamed to ``<name>``.
+
+    Raises:
+        InsufficientSpaceError: LTS filled up while writing (the ``.part`` file is removed).
+        MissingFilesError: a source file disappeared or shrank.
+        DatasetError: LTS could not be written, or a source changed.
+
+    """
+    folder = dataset_dir(lts, block.dataset_id)
+    final = folder / block.name
+    part = folder / (block.name + PART)
+    objects = open_store(store) if source.kind == "store" else None
+    started = _now()
+    members: list[DatablockMember] = []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            out = _TarWriter(fd)
+            for file in block.files:
+                out.write(tar_header(file))
+                if file.link is not None:
+                    members.append(
+                        DatablockMember(
+                            path=file.path, size=0, sha256=EMPTY_SHA256, offset=out.offset, link=file.link
+                        )
+                    )
+                    continue
+                offset = out.offset
+                digest = _copy_member(source, file, objects, out)
+                out.write(_ZEROS[: padding(file.size)])
+                members.append(DatablockMember(path=file.path, size=file.size, sha256=digest, offset=offset))
+            out.write(bytes(tar_trailer(out.offset)))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if out.offset != block.size:
+            raise DatasetError(
+                f"dataset {block.dataset_id!r}: datablock {block.name} came out at {out.offset} bytes, "
+                f"planned {block.size}"
+            )
+        os.replace(part, final)
+        _fsync_dir(folder)
+    except OSError as e:
+        part.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientSpaceError(
+                f"LTS {lts.root} ran out of space writing datablock {block.name} of dataset "
+                f"{block.dataset_id!r} ({block.size} bytes needed, {free_bytes(lts.root)} bytes free)"
+            ) from e
+        raise DatasetError(
+            f"dataset {block.dataset_id!r}: cannot write datablock {block.name} to {folder}: {e}"
+        ) from e
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return Datablock(
+        name=block.name,
+        size=out.offset,
+        sha256=out.sha.hexdigest(),
+        members=tuple(members),
+        write_started=started,
+        write_finished=_now(),
+    )
+
+
+def drop_cache(fd: int) -> None:
+    """Flush a file and drop its pages from the page cache, so the next read hits the device."""
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def read_checksums(path: Path, members: tuple[DatablockMember, ...]) -> tuple[str, int, list[str]]:
+    """Read a tar once, uncached: its sha256, its size and the sha256 of each member's data.
+
+    Members are located by their recorded offsets; the result list follows ``members``' order.
+    """
+    order = sorted(range(len(members)), key=lambda i: members[i].offset)
+    hashes = [hashlib.sha256() for _ in members]
+    whole = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    pos = 0
+    first = 0
+    with open(path, "rb", buffering=0) as f:
+        drop_cache(f.fileno())
+        while n := f.readinto(buf):
+            chunk = view[:n]
+            whole.update(chunk)
+            end = pos + n
+            k = first
+            while k < len(order) and members[order[k]].offset < end:
+                m = members[order[k]]
+                lo, hi = max(m.offset, pos), min(m.offset + m.size, end)
+                if hi > lo:
+                    hashes[order[k]].update(chunk[lo - pos : hi - pos])
+                k += 1
+            while first < len(order) and members[order[first]].offset + members[order[first]].size <= end:
+                first += 1
+            pos = end
+    return whole.hexdigest(), pos, [h.hexdigest() for h in hashes]
+
+
+def verify_datablock(lts: LtsSettings, dataset_id: str, block: Datablock) -> Datablock:
+    """Read a datablock back from LTS (page cache dropped) and check it against ``block``.
+
+    Raises:
+        VerificationError: the block is missing, has the wrong size, or its checksum or any
+            member's checksum differs; the message names the dataset and the block.
+
+    """
+    path = dataset_dir(lts, dataset_id) / block.name
+    try:
+        sha, size, member_shas = read_checksums(path, block.members)
+    except FileNotFoundError as e:
+        raise VerificationError(
+            f"dataset {dataset_id!r}: datablock {block.name} is missing from {path.parent}"
+        ) from e
+    except OSError as e:
+        raise VerificationError(
+            f"dataset {dataset_id!r}: cannot read datablock {block.name} back: {e}"
+        ) from e
+    problems = []
+    if size != block.size:
+        problems.append(f"size {size} instead of {block.size}")
+    if sha != block.sha256:
+        problems.append(f"sha256 {sha} instead of {block.sha256}")
+    bad = [m.path for m, got in zip(block.members, member_shas, strict=True) if got != m.sha256]
+    if bad:
+        shown = ", ".join(repr(p) for p in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        problems.append(f"{len(bad)} member(s) differ: {shown}")
+    if problems:
+        raise VerificationError(
+            f"dataset {dataset_id!r}: datablock {block.name} on LTS does not match what was written: "
+            + "; ".join(problems)
+        )
+    return block
+
+
+# --- manifests and cleanup --------------------------------------------------------------------------
+
+
+def build_manifest(source: DatasetSource, lts: LtsSettings, blocks: list[Datablock]) -> Manifest:
+    """The manifest of a dataset whose datablocks are all written and verified."""
+    members = [m for b in blocks for m in b.members]
+    return Manifest(
+        dataset_id=source.dataset_id,
+        source=source.describe(),
+        created=_now(),
+        datablock_bytes=lts.datablock_bytes,
+        file_count=len(members),
+        total_bytes=sum(m.size for m in members),
+        datablocks=tuple(blocks),
+    )
+
+
+def write_manifest(lts: LtsSettings, manifest: Manifest) -> Path:
+    """Write ``manifest.json`` atomically (``.part``, fsync, rename, fsync of the folder)."""
+    path = manifest_path(lts, manifest.dataset_id)
+    part = path.with_name(MANIFEST + PART)
+    try:
+        with open(part, "wb") as f:
+            f.write(manifest.model_dump_json(indent=2).encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        part.unlink(missing_ok=True)
+        raise DatasetError(f"dataset {manifest.dataset_id!r}: cannot write the manifest {path}: {e}") from e
+    return path
+
+
+def read_manifest(lts: LtsSettings, dataset_id: str) -> Manifest | None:
+    """The dataset's manifest, or None when the dataset is not (completely) archived.
+
+    Raises:
+        DatasetError: the manifest exists but cannot be read or parsed.
+
+    """
+    path = manifest_path(lts, dataset_id)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise DatasetError(f"dataset {dataset_id!r}: cannot read the manifest {path}: {e}") from e
+    try:
+        manifest = Manifest.model_validate_json(data)
+    except ValidationError as e:
+        raise DatasetError(f"dataset {dataset_id!r}: the manifest {path} is invalid: {e}") from e
+    if manifest.dataset_id != dataset_id:
+        raise DatasetError(f"dataset {dataset_id!r}: the manifest {path} is for {manifest.dataset_id!r}")
+    return manifest
+
+
+def remove_partial(lts: LtsSettings, dataset_id: str) -> list[str]:
+    """Remove what an unfinished archive left on LTS; returns the names removed.
+
+    ``.part`` files always go. Datablocks go too when there is no manifest (the archive never
+    completed); with a manifest they are the dataset's archive and stay.
+    """
+    folder = dataset_dir(lts, dataset_id)
+    if not folder.is_dir():
+        return []
+    complete = (folder / MANIFEST).exists()
+    removed = []
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        ours = name.startswith(f"{dataset_id}_") and name.endswith(".tar")
+        if name.endswith(PART) or (ours and not complete):
+            path.unlink(missing_ok=True)
+            removed.append(name)
+    if not complete:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    return removed
+
+
+# --- retrieval --------------------------------------------------------------------------------------
+
+
+def retrieval_key(lts: LtsSettings, dataset_id: str, name: str) -> str:
+    """Object key of a retrieved file, ``<retrieval-prefix>/<dataset-id>/<name>``."""
+    return f"{lts.retrieval_prefix.strip('/')}/{check_id(dataset_id, 'dataset id')}/{name}"
+
+
+def retrieved_copy_ok(lts: LtsSettings, store: StoreSettings, dataset_id: str, block: Datablock) -> bool:
+    """Whether the retrieval prefix already holds this datablock with the right size and sha256."""
+    objects = open_store(store)
+    key = retrieval_key(lts, dataset_id, block.name)
+    info = objects.head(key)
+    if info is None or info.size != block.size:
+        return False
+    with objects.open_read(key) as stream:
+        sha, size = sha256_stream(stream)
+    return sha == block.sha256 and size == block.size
+
+
+def upload_datablock(lts: LtsSettings, store: StoreSettings, dataset_id: str, block: Datablock) -> str:
+    """Copy a datablock from LTS to the retrieval prefix; returns its key."""
+    key = retrieval_key(lts, dataset_id, block.name)
+    path = dataset_dir(lts, dataset_id) / block.name
+    try:
+        open_store(store).put_file(key, path, content_type="application/x-tar")
+    except StorageError as e:
+        raise type(e)(f"dataset {dataset_id!r}: cannot upload datablock {block.name} to {key!r}: {e}") from e
+    return key
+
+
+def download_script(dataset_id: str, blocks: list[RetrievedBlock], expires_at: dt.datetime) -> str:
+    """A bash script that downloads every datablock with curl and checks it with ``sha256sum -c``."""
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# Datablocks of dataset {dataset_id}; the links expire at {expires_at.isoformat()}.",
+        "# Usage: bash download.sh [target-folder]",
+        "set -euo pipefail",
+        'mkdir -p "${1:-.}"',
+        'cd "${1:-.}"',
+    ]
+    for b in blocks:
+        lines.append(f"curl -fsSL --retry 3 -o {shlex.quote(b.name)} {shlex.quote(b.url)}")
+    lines.append("sha256sum -c - <<'SHA256SUMS'")
+    lines.extend(f"{b.sha256}  {b.name}" for b in blocks)
+    lines.append("SHA256SUMS")
+    return "\n".join(lines) + "\n"
+
+
+def publish_retrieval(
+    lts: LtsSettings, store: StoreSettings, manifest: Manifest, copied: set[str]
+) -> RetrieveResult:
+    """Presign every retrieved datablock, store the download script next to them, describe it all."""
+    objects = open_store(store)
+    seconds = int(lts.url_expiry_days * 86400)
+    expires_at = _now() + dt.timedelta(seconds=seconds)
+    blocks = []
+    for block in manifest.datablocks:
+        key = retrieval_key(lts, manifest.dataset_id, block.name)
+        blocks.append(
+            RetrievedBlock(
+                name=block.name,
+                key=key,
+                size=block.size,
+                sha256=block.sha256,
+                url=objects.presigned_url(key, seconds),
+                copied=block.name in copied,
+            )
+        )
+    script_key = retrieval_key(lts, manifest.dataset_id, SCRIPT)
+    script = download_script(manifest.dataset_id, blocks, expires_at)
+    objects.put_bytes(script_key, script.encode("utf-8"), content_type="text/x-shellscript")
+    objects.put_bytes(
+        retrieval_key(lts, manifest.dataset_id, MANIFEST),
+        manifest.model_dump_json(indent=2).encode("utf-8"),
+        content_type="application/json",
+    )
+    return RetrieveResult(
+        dataset_id=manifest.dataset_id,
+        prefix=retrieval_key(lts, manifest.dataset_id, ""),
+        datablocks=tuple(blocks),
+        script_key=script_key,
+        script_url=objects.presigned_url(script_key, seconds),
+        expires_at=expires_at,
+    )
+
+
+# --- one run per dataset at a time ------------------------------------------------------------------
+
+
+def lock_name(kind: str, dataset_id: str) -> str:
+    """Name of the global concurrency limit that serialises ``kind`` runs of one dataset."""
+    return f"skyvault-{kind}:{check_id(dataset_id, 'dataset id')}"
+
+
+@contextlib.contextmanager
+def dataset_lock(kind: str, dataset_id: str, *, timeout_seconds: float | None = None) -> Iterator[None]:
+    """Hold the dataset's ``kind`` lock (a Prefect global concurrency limit of 1) while inside.
+
+    The limit is created on first use. A second run of the same kind and dataset waits here
+    until the first one leaves, on any worker that talks to the same Prefect server.
+
+    Raises:
+        TimeoutError: ``timeout_seconds`` passed before the lock was free.
+
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = lock_name(kind, dataset_id)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    with concurrency(
+        name, occupy=1, timeout_seconds=timeout_seconds, strict=True, lease_duration=LOCK_LEASE_SECONDS
+    ):
+        yield
+
+
+# --- Prefect tasks --------------------------------------------------------------------------------
+
+
+@task(name="check-lts-space", **TASK_POLICY)
+def check_space(lts: LtsSettings, dataset_id: str, needed: int) -> int:
+    """Fail clearly unless LTS has room for ``needed`` bytes plus the margin."""
+    return ensure_free_space(lts, dataset_id, needed)
+
+
+@task(name="write-datablock", task_run_name="write/{block.name}", tags=["lts-write"], **TASK_POLICY)
+def write_block(
+    block: PlannedDatablock, source: DatasetSource, store: StoreSettings, lts: LtsSettings
+) -> Datablock:
+    """Write one datablock to LTS (see :func:`write_datablock`)."""
+    return write_datablock(block, source, store, lts)
+
+
+@task(name="verify-datablock", task_run_name="verify/{block.name}", tags=["lts-read"], **TASK_POLICY)
+def verify_block(lts: LtsSettings, dataset_id: str, block: Datablock) -> Datablock:
+    """Read one datablock back from LTS and check it (see :func:`verify_datablock`)."""
+    return verify_datablock(lts, dataset_id, block)
+
+
+@task(name="write-manifest", tags=["lts-write"], **TASK_POLICY)
+def save_manifest(lts: LtsSettings, manifest: Manifest) -> Path:
+    """Write the dataset's manifest, the last step of an archive (see :func:`write_manifest`)."""
+    return write_manifest(lts, manifest)
+
+
+@task(name="read-manifest", tags=["lts-read"], **TASK_POLICY)
+def load_manifest(lts: LtsSettings, dataset_id: str) -> Manifest | None:
+    """Read the dataset's manifest, None if it is not archived (see :func:`read_manifest`)."""
+    return read_manifest(lts, dataset_id)
+
+
+@task(
+    name="check-retrieved",
+    task_run_name="check-retrieved/{block.name}",
+    tags=["object-store-read"],
+    **TASK_POLICY,
+)
+def find_retrieved(lts: LtsSettings, store: StoreSettings, dataset_id: str, block: Datablock) -> bool:
+    """Whether a good copy of the datablock is already in the retrieval prefix."""
+    return retrieved_copy_ok(lts, store, dataset_id, block)
+
+
+@task(
+    name="upload-datablock",
+    task_run_name="upload/{block.name}",
+    tags=["lts-read", "object-store-write"],
+    **TASK_POLICY,
+)
+def upload_block(lts: LtsSettings, store: StoreSettings, dataset_id: str, block: Datablock) -> str:
+    """Copy a verified datablock from LTS to the retrieval prefix (see :func:`upload_datablock`)."""
+    return upload_datablock(lts, store, dataset_id, block)
+
+
+@task(name="publish-retrieval", tags=["object-store-write"], **TASK_POLICY)
+def publish(lts: LtsSettings, store: StoreSettings, manifest: Manifest, copied: set[str]) -> RetrieveResult:
+    """Presign the retrieved datablocks and store the download script (see :func:`publish_retrieval`)."""
+    return publish_retrieval(lts, store, manifest, copied)
