@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import datetime as dt
 import json
 import posixpath
 import warnings
@@ -11,9 +12,11 @@ import numpy as np
 import pytest
 import rasterio
 import rasterio.shutil
+from pyproj import Transformer
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import MemoryFile
 from rasterio.transform import from_origin
+from rasterio.warp import transform_bounds
 from rio_tiler.colormap import cmap
 
 from skyvault.config.collections import CollectionConfig, RenderConfig
@@ -344,8 +347,6 @@ def test_time_interval_and_item_ids_select_layers(
     def layers(request: SeedRequest) -> set[str]:
         return {c.time_key for c in plan_seed(items, request, collection)}
 
-    import datetime as dt
-
     assert layers(SeedRequest(collection="rgb")) == {
         "20260101T000000Z",
         "20260102T000000Z",
@@ -471,8 +472,6 @@ def test_tilejson_describes_the_layer_and_widens_on_reseed(
 def test_colormap_and_rescale_of_a_float_scene(store: StoreSettings, tmp_path: Path, float_utm: Path) -> None:
     key = put_cog(store, tmp_path, "cogs/dem/f.tif", float_utm)
     with rasterio.open(float_utm) as src:
-        from rasterio.warp import transform_bounds
-
         w, s, e, n = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
     item = make_item("f", key, (w, s, e, n), collection="dem")
     lo, hi = 0.0, 400.0
@@ -485,8 +484,6 @@ def test_colormap_and_rescale_of_a_float_scene(store: StoreSettings, tmp_path: P
     objects = open_store(store)
     checked = 0
     with rasterio.open(float_utm) as src:
-        from pyproj import Transformer
-
         to_utm = Transformer.from_crs("EPSG:4326", src.crs, always_xy=True)
         for tile in sorted(written_tiles(store, "dem")):
             img = decode(objects.get_bytes(tile_key("dem", LAYER, tile)))
