@@ -148,16 +148,19 @@ class _ListedView:
 
     def __init__(self, objects: Iterable[ObjectInfo], rasters: set[str] | None = None) -> None:
         self.objects = {o.key: o for o in objects}
-        self._by_folder: dict[str, list[str]] = defaultdict(list)
+        self._by_stem: dict[tuple[str, str], set[str]] = defaultdict(set)
         for key in self.objects if rasters is None else rasters:
-            self._by_folder[key.rsplit("/", 1)[0]].append(key)
+            if object_kind(key) == "data":
+                folder, _, name = key.rpartition("/")
+                self._by_stem[(folder, name)].add(key)
+                self._by_stem[(folder, _stem(name))].add(key)
 
     def get(self, key: str) -> ObjectInfo | None:
         return self.objects.get(key)
 
     def same_stem(self, describer_key: str) -> list[str]:
-        folder = describer_key.rsplit("/", 1)[0]
-        return sorted(k for k in self._by_folder.get(folder, []) if _is_same_stem(describer_key, k))
+        folder, _, name = describer_key.rpartition("/")
+        return sorted(self._by_stem.get((folder, _stem(name)), ()))
 
 
 class _LiveView:
