@@ -1,14 +1,17 @@
 # skyvault: `make demo` runs the pipeline on the embedded default; `make test` runs the whole suite.
 SHELL := /bin/bash
-UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+UV := $(PYTHON) -m uv
 RUN := $(UV) run --frozen
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: demo test setup setup-python setup-system lint typecheck pytest bench clean
 
-demo: setup ## make sample products and run ingest on local folders + a static catalog
-	$(RUN) python -m skyvault.demo
+demo: setup-python ## make sample products and run ingest on local folders + a static catalog
+	PREFECT_HOME=$(CURDIR)/skyvault-data/prefect $(RUN) python -m skyvault.demo
 
-test: setup lint typecheck pytest ## set up everything and pass the whole suite
+test: setup-python lint typecheck pytest ## set up everything and pass the whole suite
 
 setup: setup-system setup-python
 
@@ -16,7 +19,7 @@ setup-system: ## system packages the suite and the benchmarks use (Debian)
 	@bash scripts/setup-system.sh
 
 setup-python: ## the locked Python environment in .venv
-	@command -v uv >/dev/null 2>&1 || [ -x "$(UV)" ] || python3 -m pip install --quiet --user "uv==0.13.9" || python3 -m pip install --quiet "uv==0.13.9"
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
 	$(UV) sync --frozen
 
 lint:

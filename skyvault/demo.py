@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     root: Path = args.root
     config = prepare(root, broken=not args.no_broken)
     os.environ["SKYVAULT_CONFIG_FILE"] = str(config.resolve())
+    # a busy or small machine needs more than Prefect's 20 s to start the ephemeral server
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
     from skyvault.config.provision import provision_tag_limits
     from skyvault.config.settings import get_settings

@@ -11,22 +11,20 @@ from skyvault.config.settings import CatalogSettings, StoreSettings, get_setting
 from skyvault.models import BBox, SeedRequest, SeedResult
 from skyvault.tasks.catalog import open_catalog
 from skyvault.tasks.policy import TASK_POLICY
-from skyvault.tasks.tiles import plan_seed, seed_chunk
+from skyvault.tasks.tiles import combine_results, plan_seed, publish_tilejsons, tileset_seeder
 
 
 @task(name="find-items", tags=["object-store-read"], **TASK_POLICY)
 def find_items(
     request: SeedRequest, catalog: CatalogSettings, store: StoreSettings
 ) -> list[dict[str, object]]:
-    """The catalog items a seed request covers."""
+    """The catalog items a seed request covers.
+
+    Not narrowed by ``request.item_ids``: every item of a layer is needed to render its mosaic;
+    :func:`plan_seed` narrows the tiles to the requested items.
+    """
     backend = open_catalog(catalog, store)
-    return backend.search(
-        request.collection,
-        start=request.start,
-        end=request.end,
-        bbox=request.bbox,
-        ids=list(request.item_ids) if request.item_ids else None,
-    )
+    return backend.search(request.collection, start=request.start, end=request.end, bbox=request.bbox)
 
 
 def _seed_run_name() -> str:
@@ -66,15 +64,11 @@ def seed(
     )
     items = find_items(request, settings.catalog, settings.store)
     chunks = plan_seed(items, request, config)
-    futures = [seed_chunk.submit(chunk, config, settings.store, force=force) for chunk in chunks]
-    results = [f.result() for f in futures]
-    total = SeedResult(
-        collection=collection,
-        written=sum(r.written for r in results),
-        skipped=sum(r.skipped for r in results),
-        empty=sum(r.empty for r in results),
-        layers=tuple(sorted({layer for r in results for layer in r.layers})),
-    )
+    seeder = tileset_seeder(config)
+    futures = [seeder.submit(chunk, config, settings.store, force=force) for chunk in chunks]
+    total = combine_results(collection, [f.result() for f in futures])
+    if chunks:
+        publish_tilejsons(chunks, config, settings.store)
     create_markdown_artifact(
         key=f"seed-{collection}".lower().replace("_", "-").replace(".", "-"),
         markdown=(

@@ -1,0 +1,92 @@
+"""Bad inputs fail only their own product, with a message naming it, and leave sources untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rasterio.transform import from_origin
+
+from skyvault.config.settings import Settings, StoreSettings
+from skyvault.flows.ingest import ingest
+from skyvault.models import IngestSummary
+from skyvault.tasks.catalog import open_catalog
+from skyvault.tasks.storage import open_store
+from tests.conftest import write_raster
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+BOMB = b"""<?xml version="1.0"?>
+<!DOCTYPE lolz [
+ <!ENTITY lol "lol">
+ <!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+ <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
+ <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
+]>
+<rep:browseReport xmlns:rep="http://ngeo.eo.esa.int/ngEO/browseReport/1.0">
+ <rep:responsibleOrgName>&lol4;</rep:responsibleOrgName>
+</rep:browseReport>
+"""
+
+
+def test_each_bad_input_fails_alone(configure: Callable[..., Settings], tmp_path: Path) -> None:
+    s = configure(StoreSettings(root=tmp_path / "store"))
+    store = open_store(s.store)
+    src = tmp_path / "src"
+    good = write_raster(
+        src / "good.tif",
+        np.full((3, 32, 32), 90, dtype="uint8"),
+        transform=from_origin(5.0, 50.0, 0.01, 0.01),
+        tags={"TIFFTAG_DATETIME": "2026:01:01 00:00:00"},
+    )
+    store.put_file("landing/demo-scenes/GOOD_1.tif", good)
+    raw = good.read_bytes()
+    store.put_bytes("landing/demo-scenes/TRUNCATED_1.tif", raw[: len(raw) // 4])
+    store.put_bytes("landing/demo-scenes/ZERO_1.tif", b"")
+    nocrs = write_raster(src / "nocrs.tif", np.ones((1, 16, 16), dtype="uint8"), crs=None)
+    store.put_file("landing/demo-scenes/NOCRS_1.tif", nocrs)
+    store.put_bytes("landing/demo-scenes/MALFORMED_1.xml", b"<rep:browseReport><unclosed>")
+    store.put_bytes("landing/demo-scenes/BOMB_1.xml", BOMB)
+    store.put_file("landing/demo-scenes/bad..name.tif", good)
+    store.put_file("landing/no-such-collection/ORPHAN_1.tif", good)
+    store.put_file("landing/demo-dem/BADDATE_1.tif", good)
+    store.put_bytes(
+        "landing/demo-dem/BADDATE_1.json",
+        json.dumps({"collection_id": "demo-dem", "date": "the day after", "name": "BADDATE_1",
+                    "filename": "BADDATE_1.tif"}).encode(),
+    )
+    before = {o.key: hashlib.sha256(store.get_bytes(o.key)).hexdigest() for o in store.list("landing/")}
+
+    state = ingest(return_state=True, seed_tiles=False)
+    summary = state.result(raise_on_failure=False)
+    assert isinstance(summary, IngestSummary)
+    assert state.name == "Partial"
+
+    outcomes = {o.product_id: o for o in summary.outcomes}
+    assert outcomes["GOOD_1"].state == "done"
+    failed = {o.product_id: o.message for o in summary.outcomes if o.state == "failed"}
+    expect = {
+        "TRUNCATED_1": "TRUNCATED_1",
+        "ZERO_1": "ZERO_1",
+        "NOCRS_1": "NOCRS_1",
+        "MALFORMED_1": "MALFORMED_1.xml",
+        "BOMB_1": "BOMB_1.xml",
+        "bad..name": "bad..name",
+        "ORPHAN_1": "no-such-collection",
+        "BADDATE_1": "BADDATE_1",
+    }
+    for needle, text in expect.items():
+        hits = [pid for pid, msg in failed.items() if needle in pid or needle in msg]
+        assert hits, f"no failure for {needle}: {failed}"
+        assert any(text in failed[pid] or text in pid for pid in hits)
+    assert "lollollol" not in json.dumps(failed)
+    assert len(failed) == len(expect)
+
+    after = {o.key: hashlib.sha256(store.get_bytes(o.key)).hexdigest() for o in store.list("landing/")}
+    assert after == before
+    ids = [i["id"] for i in open_catalog(s.catalog, s.store).search("demo-scenes")]
+    assert ids == ["GOOD_1"]
