@@ -53,14 +53,16 @@ def _pattern(bands: int, size: int, seed: int) -> np.ndarray:
     for b in range(bands):
         wave = np.sin((xx * (3 + b) + yy * (2 + b)) * np.pi) * 0.5 + 0.5
         out.append(wave * 200 + rng.normal(0, 6, (size, size)) + 20)
-    return np.clip(np.stack(out), 1, 255).astype("uint8")
+    pattern: np.ndarray = np.clip(np.stack(out), 1, 255).astype("uint8")
+    return pattern
 
 
 def _dem(size: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype("float32") / size
     hill = 1200 * np.exp(-((xx - 0.5) ** 2 + (yy - 0.5) ** 2) * 6) + rng.normal(0, 5, (size, size))
-    return hill.astype("float32")[np.newaxis]
+    dem: np.ndarray = hill.astype("float32")[np.newaxis]
+    return dem
 
 
 def _write(

@@ -6,8 +6,9 @@ import datetime as dt
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
-from prefect.client.schemas.objects import StateType
-from prefect.states import Completed, Failed, State
+from prefect.client.schemas.objects import State, StateType
+from prefect.futures import PrefectFuture
+from prefect.states import Completed, Failed
 
 from skyvault.config.settings import get_settings
 from skyvault.errors import CatalogError, MissingDatetimeError, TilingError
@@ -87,7 +88,7 @@ def ingest(
     pattern: str | None = None,
     replace: bool = False,
     seed_tiles: bool = True,
-) -> State:
+) -> State[IngestSummary]:
     """Discover products under ``landing/<collection>/`` (or read one report) and process each.
 
     Products already registered are skipped unless ``replace`` or their last run failed. Products
@@ -108,7 +109,7 @@ def ingest(
     todo, outcomes = select_products(discovery, registered, states, replace)
 
     window = settings.concurrency.products
-    running = []
+    running: list[PrefectFuture[ProductOutcome]] = []
     for product in todo:
         if len(running) >= window:
             outcomes.append(running.pop(0).result())

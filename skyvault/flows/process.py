@@ -11,7 +11,7 @@ from prefect import flow
 from skyvault.config.settings import get_settings
 from skyvault.flows.seed import seed
 from skyvault.models import BBox, CogInfo, ItemRef, Product, ProductOutcome, SeedResult
-from skyvault.tasks.catalog import item_bbox
+from skyvault.tasks.catalog import item_bbox, union_bbox
 from skyvault.tasks.catalog import register as register_task
 from skyvault.tasks.cog import preprocess as preprocess_task
 from skyvault.tasks.status import run_name
@@ -31,10 +31,6 @@ def register(product: Product, cog: CogInfo) -> ItemRef:
     settings = get_settings()
     collection = settings.collection(product.collection)
     return register_task(product, cog, collection, settings.catalog, settings.store)
-
-
-def _union(a: BBox, b: BBox) -> BBox:
-    return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
 
 
 @flow(name="process-product", flow_run_name="process-product/{product.collection}/{product.id}")
@@ -57,7 +53,8 @@ def process_product(product: Product, replace: bool = False, seed_tiles: bool = 
     item = register.with_options(flow_run_name=run_name("register", collection.id, product.id))(product, cog)
     tiles = SeedResult(collection=collection.id)
     if seed_tiles:
-        bbox = _union(item.bbox, old_bbox) if old_bbox else item.bbox
+        union = union_bbox([item.bbox, old_bbox]) if old_bbox else None
+        bbox: BBox = (union[0], union[1], union[2], union[3]) if union else item.bbox
         tiles = seed.with_options(flow_run_name=run_name("seed", collection.id, product.id))(
             collection.id,
             start=item.start_datetime or item.datetime,
