@@ -17,7 +17,6 @@ artifact per job.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +28,7 @@ from prefect.states import Completed, Failed
 
 from skyvault.config.settings import DataCatalogSettings, get_settings
 from skyvault.errors import DatasetError, SkyvaultError
-from skyvault.flows.archive import archive
+from skyvault.flows.archive import archive, artifact_key
 from skyvault.flows.retrieve import retrieve
 from skyvault.models import JobDataset, JobDatasetResult
 from skyvault.tasks.jobs import (
@@ -55,11 +54,6 @@ log = logging.getLogger(__name__)
 #: Name of the Failed state a job ends in when it ran to the end but some datasets failed; its
 #: final status is already reported, so the failure hook leaves it alone.
 DATASET_ERRORS = "DatasetErrors"
-
-
-def _artifact_key(kind: str, job_id: str) -> str:
-    slug = re.sub(r"[^a-z0-9-]+", "-", job_id.lower()).strip("-")
-    return f"{kind}-job-{slug}"[:100]
 
 
 def _outcome_of(state: State[Any], dataset: JobDataset) -> Any:
@@ -100,7 +94,7 @@ def _finish(
     status = job_status(sum(r.ok for r in results), sum(not r.ok for r in results))
     if is_configured(catalog):
         report_job(catalog, job_id, status, job_result_object(results))
-    key = _artifact_key(kind, job_id)
+    key = artifact_key(f"{kind}-job", job_id)
     create_markdown_artifact(
         markdown=job_summary(kind, job_id, status, results),
         key=key,

@@ -221,8 +221,16 @@ def parse_job_datasets(job_id: str, datasets: Sequence[str | Mapping[str, Any]])
     return out
 
 
-def _failure_message(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
+def _result(
+    dataset: JobDataset, lifecycle: DatasetLifecycle, error: BaseException | None = None, **fields: Any
+) -> tuple[JobDatasetResult, DatasetLifecycle]:
+    word = lifecycle.archive_status_message or lifecycle.retrieve_status_message
+    if error is not None:
+        fields.update(message=f"{type(error).__name__}: {error}", error=type(error).__name__)
+    result = JobDatasetResult(
+        pid=dataset.pid, dataset_id=dataset.dataset_id, ok=error is None, status=str(word), **fields
+    )
+    return result, lifecycle
 
 
 def archive_outcome(
@@ -230,34 +238,17 @@ def archive_outcome(
 ) -> tuple[JobDatasetResult, DatasetLifecycle]:
     """The per-dataset result and lifecycle update for an archive run's result or error."""
     if isinstance(outcome, BaseException):
-        lifecycle = archive_failed(outcome)
-        return (
-            JobDatasetResult(
-                pid=dataset.pid,
-                dataset_id=dataset.dataset_id,
-                ok=False,
-                status=str(lifecycle.archive_status_message),
-                message=_failure_message(outcome),
-                error=type(outcome).__name__,
-            ),
-            lifecycle,
-        )
-    lifecycle = archive_succeeded(landing_removed=outcome.landing_deleted > 0)
-    return (
-        JobDatasetResult(
-            pid=dataset.pid,
-            dataset_id=dataset.dataset_id,
-            ok=True,
-            status=str(lifecycle.archive_status_message),
-            message=(
-                f"{outcome.file_count} files in {len(outcome.datablocks)} datablocks on LTS"
-                if outcome.created
-                else "already on LTS"
-            ),
-            datablocks=len(outcome.datablocks),
-            bytes=outcome.archived_bytes,
+        return _result(dataset, archive_failed(outcome), outcome)
+    return _result(
+        dataset,
+        archive_succeeded(landing_removed=outcome.landing_deleted > 0),
+        message=(
+            f"{outcome.file_count} files in {len(outcome.datablocks)} datablocks on LTS"
+            if outcome.created
+            else "already on LTS"
         ),
-        lifecycle,
+        datablocks=len(outcome.datablocks),
+        bytes=outcome.archived_bytes,
     )
 
 
@@ -266,33 +257,16 @@ def retrieve_outcome(
 ) -> tuple[JobDatasetResult, DatasetLifecycle]:
     """The per-dataset result and lifecycle update for a retrieval's result or error."""
     if isinstance(outcome, BaseException):
-        lifecycle = retrieve_failed(outcome)
-        return (
-            JobDatasetResult(
-                pid=dataset.pid,
-                dataset_id=dataset.dataset_id,
-                ok=False,
-                status=str(lifecycle.retrieve_status_message),
-                message=_failure_message(outcome),
-                error=type(outcome).__name__,
-            ),
-            lifecycle,
-        )
-    lifecycle = retrieve_succeeded()
-    return (
-        JobDatasetResult(
-            pid=dataset.pid,
-            dataset_id=dataset.dataset_id,
-            ok=True,
-            status=str(lifecycle.retrieve_status_message),
-            message=f"{len(outcome.datablocks)} datablocks ready for download",
-            datablocks=len(outcome.datablocks),
-            bytes=sum(b.size for b in outcome.datablocks),
-            urls=tuple(b.url for b in outcome.datablocks),
-            script_url=outcome.script_url,
-            expires_at=outcome.expires_at,
-        ),
-        lifecycle,
+        return _result(dataset, retrieve_failed(outcome), outcome)
+    return _result(
+        dataset,
+        retrieve_succeeded(),
+        message=f"{len(outcome.datablocks)} datablocks ready for download",
+        datablocks=len(outcome.datablocks),
+        bytes=sum(b.size for b in outcome.datablocks),
+        urls=tuple(b.url for b in outcome.datablocks),
+        script_url=outcome.script_url,
+        expires_at=outcome.expires_at,
     )
 
 
