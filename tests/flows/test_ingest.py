@@ -12,6 +12,9 @@ import morecantile
 import numpy as np
 import pytest
 import rasterio
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+from prefect.client.schemas.objects import StateType
 from pyproj import Transformer
 from rasterio.io import MemoryFile
 from rio_cogeo.cogeo import cog_validate
@@ -24,6 +27,7 @@ from skyvault.models import IngestSummary, ProductOutcome
 from skyvault.samples import SIZE, UTM_ORIGIN, UTM_PIXEL, write_samples
 from skyvault.tasks.catalog import open_catalog
 from skyvault.tasks.stac import validate_item
+from skyvault.tasks.status import latest_states, run_name
 from skyvault.tasks.storage import ObjectStore, open_store
 from skyvault.tasks.tiles import time_key
 from tests.conftest import write_raster
@@ -38,6 +42,11 @@ def run_ingest(**params: Any) -> IngestSummary:
     summary = state.result(raise_on_failure=False)
     assert isinstance(summary, IngestSummary), f"ingest ended {state.type}: {state.message}"
     return summary
+
+
+def flow_runs_named(name: str) -> list[Any]:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
 
 
 def by_id(summary: IngestSummary) -> dict[str, ProductOutcome]:
@@ -86,6 +95,18 @@ def test_full_pipeline_and_rerun(settings: Settings) -> None:
     assert broken.step == "preprocess"
     assert snapshot(store, "landing/") == landing_before
 
+    # every step of every product has a run under a predictable name, with its final state
+    states = latest_states(
+        run_name(step, coll, pid)
+        for step in ("process-product", "preprocess", "register", "seed")
+        for coll, pid in [("demo-scenes", "S2_UTM_20260601"), ("demo-dem", "DEM_N47E010")]
+    )
+    assert len(states) == 8
+    assert set(states.values()) == {StateType.COMPLETED}
+    assert latest_states([run_name("process-product", "demo-scenes", "BROKEN_20260603")]) == {
+        "process-product/demo-scenes/BROKEN_20260603": StateType.FAILED
+    }
+
     # COGs are valid and where the layout says
     for coll, pid in [("demo-dem", "DEM_N47E010"), ("demo-scenes", "S2_UTM_20260601")]:
         key = f"cogs/{coll}/{pid}.tif"
@@ -123,7 +144,10 @@ def test_full_pipeline_and_rerun(settings: Settings) -> None:
     item = scenes["LS_4326_20260602"]
     tms = morecantile.tms.get("WebMercatorQuad")
     z = 11
-    with rasterio.Env(**store.gdal_env()), rasterio.open(store.gdal_path("landing/demo-scenes/LS_4326_20260602.tif")) as src:
+    with (
+        rasterio.Env(**store.gdal_env()),
+        rasterio.open(store.gdal_path("landing/demo-scenes/LS_4326_20260602.tif")) as src,
+    ):
         source = src.read()
         for lon, lat in [(11.3, 47.2), (11.45, 47.05), (11.2, 47.4)]:
             tile = tms.tile(lon, lat, z)
@@ -155,6 +179,7 @@ def test_full_pipeline_and_rerun(settings: Settings) -> None:
 
     # second run: nothing converted, nothing rewritten, no duplicate items
     outputs = {p: stamps(store, p) for p in ("cogs/", "catalog/", "tiles/")}
+    preprocess_runs = len(flow_runs_named(run_name("preprocess", "demo-scenes", "S2_UTM_20260601")))
     summary2 = run_ingest()
     outcomes2 = by_id(summary2)
     for pid in GOOD:
@@ -162,6 +187,7 @@ def test_full_pipeline_and_rerun(settings: Settings) -> None:
     assert outcomes2["BROKEN_20260603"].state == "failed"
     for p in ("cogs/", "catalog/", "tiles/"):
         assert stamps(store, p) == outputs[p], p
+    assert len(flow_runs_named(run_name("preprocess", "demo-scenes", "S2_UTM_20260601"))) == preprocess_runs
     collection = json.loads(store.get_bytes(f"{settings.catalog.prefix}/demo-scenes/collection.json"))
     item_links = [link["href"] for link in collection["links"] if link["rel"] == "item"]
     assert len(item_links) == len(set(item_links)) == 2
