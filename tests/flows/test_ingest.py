@@ -219,3 +219,26 @@ def test_replace_rebuilds(configure: Callable[..., Settings], tmp_path: Path) ->
     after = stamps(store, "cogs/demo-dem/")
     assert all(after[k] > before[k] for k in before)
     assert len(open_catalog(s.catalog, s.store).search("demo-dem")) == 2
+
+
+def _product(pid: str) -> Any:
+    from skyvault.models import Discovery, Product
+
+    return Discovery(
+        products=[Product(collection="c", id=pid, source_key=f"landing/c/{pid}.tif")], failures=[]
+    )
+
+
+def test_select_products_skips_only_registered_products_whose_last_run_did_not_fail() -> None:
+    from skyvault.flows.ingest import select_products
+
+    registered = {("c", "p")}
+    name = run_name("process-product", "c", "p")
+    todo, skipped = select_products(_product("p"), registered, {name: StateType.COMPLETED}, replace=False)
+    assert (todo, [o.state for o in skipped]) == ([], ["skipped"])
+    todo, skipped = select_products(_product("p"), registered, {name: StateType.FAILED}, replace=False)
+    assert [p.id for p in todo] == ["p"]
+    todo, skipped = select_products(_product("p"), registered, {name: StateType.COMPLETED}, replace=True)
+    assert [p.id for p in todo] == ["p"]
+    todo, skipped = select_products(_product("p"), set(), {}, replace=False)
+    assert [p.id for p in todo] == ["p"]
