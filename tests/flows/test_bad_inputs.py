@@ -56,8 +56,14 @@ def test_each_bad_input_fails_alone(configure: Callable[..., Settings], tmp_path
     store.put_file("landing/demo-dem/BADDATE_1.tif", good)
     store.put_bytes(
         "landing/demo-dem/BADDATE_1.json",
-        json.dumps({"collection_id": "demo-dem", "date": "the day after", "name": "BADDATE_1",
-                    "filename": "BADDATE_1.tif"}).encode(),
+        json.dumps(
+            {
+                "collection_id": "demo-dem",
+                "date": "the day after",
+                "name": "BADDATE_1",
+                "filename": "BADDATE_1.tif",
+            }
+        ).encode(),
     )
     before = {o.key: hashlib.sha256(store.get_bytes(o.key)).hexdigest() for o in store.list("landing/")}
 
