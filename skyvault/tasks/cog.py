@@ -6,8 +6,9 @@ metadata plus the source checksum; GDAL's COG driver converts it (reprojecting w
 asks for it) with the collection's profile. The result is validated strictly, checksummed and
 uploaded atomically to ``cogs/<collection>/<product-id>.tif``.
 
-The source checksum is stored in the COG as the GDAL metadata item ``SKYVAULT_SOURCE_SHA256``, so a
-re-run finds a COG made from the same bytes and skips the work unless ``replace`` is requested.
+The source checksum is stored in the COG as the GDAL metadata item ``SKYVAULT_SOURCE_SHA256``, next
+to a fingerprint of the collection settings (``SKYVAULT_COG_PROFILE``), so a re-run finds a COG made
+from the same bytes with the same settings and skips the work unless ``replace`` is requested.
 The source is hashed while GDAL converts it: the COG is written with a same-length placeholder in
 that item, which is overwritten in place once the hash is known. Overwriting a fixed-length value
 inside the TIFF's ``GDAL_METADATA`` tag changes no offset or size, so the COG layout is untouched,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import secrets
 import shutil
@@ -57,6 +59,8 @@ from skyvault.tasks.storage import ObjectStore, open_store
 
 #: GDAL metadata item holding the sha256 of the source a COG was made from.
 SOURCE_SHA256_TAG = "SKYVAULT_SOURCE_SHA256"
+#: GDAL metadata item holding a fingerprint of the collection settings a COG was made with.
+PROFILE_TAG = "SKYVAULT_COG_PROFILE"
 #: Content type of the uploaded COGs (the STAC media type of a COG).
 COG_MEDIA_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
 
@@ -84,11 +88,12 @@ def preprocess_product(
         collection: the product's collection (COG profile, target CRS, nodata, bands).
         store: the object store holding the source and receiving the COG.
         scratch_dir: parent of the unique working folder, which is always removed afterwards.
-        replace: rebuild even when the COG exists and was made from the same source bytes.
+        replace: rebuild even when the COG exists and was made from the same source bytes with the
+            same collection settings.
 
     Returns:
         The COG's key, sha256 and size, the source's sha256, and ``created=False`` when an existing
-        COG made from the same source was kept untouched.
+        COG made from the same source with the same settings was kept untouched.
 
     Raises:
         RasterError: the source is missing, empty, unreadable, corrupt, lacks a CRS or a
@@ -115,7 +120,7 @@ def preprocess_product(
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cog-hash") as pool:
         known: str | None = None
         if not replace:
-            existing, known = _same_source_cog(objects, key, source_key, env, pool)
+            existing, known = _same_source_cog(objects, key, source_key, collection, env, pool)
             if existing is not None and known is not None:
                 sha256, size = existing
                 return CogInfo(
@@ -144,17 +149,22 @@ def preprocess_product(
 
 
 def _same_source_cog(
-    objects: ObjectStore, key: str, source_key: str, env: dict[str, Any], pool: ThreadPoolExecutor
+    objects: ObjectStore,
+    key: str,
+    source_key: str,
+    collection: CollectionConfig,
+    env: dict[str, Any],
+    pool: ThreadPoolExecutor,
 ) -> tuple[tuple[str, int] | None, str | None]:
-    """Look for an existing COG made from the current source bytes.
+    """Look for an existing COG made from the current source bytes with the current settings.
 
     Returns:
-        The existing COG's ``(sha256, size)`` if it was made from the same source (else None), and
-        the source's sha256 when it had to be computed (else None).
+        The existing COG's ``(sha256, size)`` if it was made from the same source with the same
+        collection settings (else None), and the source's sha256 when it was computed (else None).
 
     """
-    recorded = _recorded_source_sha256(objects, key, env)
-    if recorded is None:
+    recorded, profile = _recorded_tags(objects, key, env)
+    if recorded is None or profile != profile_fingerprint(collection):
         return None, None
     cancel = threading.Event()
     source_hash = pool.submit(_sha256_object, objects, source_key, cancel)
@@ -271,16 +281,28 @@ def _sha256_object(objects: ObjectStore, key: str, cancel: threading.Event) -> t
     return h.hexdigest(), size
 
 
-def _recorded_source_sha256(objects: ObjectStore, key: str, env: dict[str, Any]) -> str | None:
-    """The source checksum recorded in an existing COG, or None if there is none to trust."""
+def _recorded_tags(objects: ObjectStore, key: str, env: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Source checksum and profile fingerprint recorded in an existing COG (None when absent)."""
     if objects.head(key) is None:
-        return None
+        return None, None
     try:
         with _gdal(env), rasterio.open(objects.gdal_path(key)) as ds:
-            value = ds.tags().get(SOURCE_SHA256_TAG)
+            tags = ds.tags()
     except _GDAL_ERRORS:
-        return None
-    return value if isinstance(value, str) and len(value) == 64 else None
+        return None, None
+    source = tags.get(SOURCE_SHA256_TAG)
+    return (source if source and len(source) == 64 else None), tags.get(PROFILE_TAG)
+
+
+def profile_fingerprint(collection: CollectionConfig) -> str:
+    """Short digest of the collection settings that shape a COG (profile, CRS, nodata, bands)."""
+    shape = {
+        "cog": collection.cog.model_dump(mode="json"),
+        "target_crs": collection.target_crs,
+        "nodata": repr(collection.nodata),
+        "bands": collection.bands,
+    }
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _check_unchanged(objects: ObjectStore, before: ObjectInfo, label: str) -> None:
@@ -377,9 +399,10 @@ def _edit_vrt(vrt_path: Path, collection: CollectionConfig, where: str, placehol
         metadata = ET.Element("Metadata")
         root.insert(0, metadata)
     for item in metadata.findall("MDI"):
-        if item.get("key") == SOURCE_SHA256_TAG:
+        if item.get("key") in (SOURCE_SHA256_TAG, PROFILE_TAG):
             metadata.remove(item)
     ET.SubElement(metadata, "MDI", key=SOURCE_SHA256_TAG).text = placeholder
+    ET.SubElement(metadata, "MDI", key=PROFILE_TAG).text = profile_fingerprint(collection)
     tree.write(vrt_path, encoding="utf-8")
 
 

@@ -276,6 +276,19 @@ def test_changed_source_rebuilds(rgb_4326: Path, store: StoreSettings, scratch: 
         assert np.array_equal(cog.read(), src.read())
 
 
+def test_changed_collection_settings_rebuild(rgb_4326: Path, store: StoreSettings, scratch: Path) -> None:
+    product = land(store, "rgb", rgb_4326)
+    first = run(product, CollectionConfig(id="rgb"), store, scratch)
+
+    second = run(product, CollectionConfig(id="rgb", target_crs="EPSG:3857"), store, scratch)
+
+    assert second.created
+    assert second.source_sha256 == first.source_sha256
+    with rasterio.open(cog_path(store, second)) as cog:
+        assert cog.crs.to_epsg() == 3857
+    assert not run(product, CollectionConfig(id="rgb", target_crs="EPSG:3857"), store, scratch).created
+
+
 def _truncated(tmp_path: Path) -> Path:
     src = write_raster(
         tmp_path / "full.tif", np.full((3, 256, 256), 9, "uint8"), transform=from_origin(10, 46, 0.01, 0.01)
