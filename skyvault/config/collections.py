@@ -40,7 +40,8 @@ class CogProfile(BaseModel):
         opts = {
             "COMPRESS": self.compress,
             "BLOCKSIZE": str(self.blocksize),
-            "OVERVIEWS": "AUTO",
+            # a categorical source's own overviews may have been averaged: always rebuild them
+            "OVERVIEWS": "IGNORE_EXISTING" if self.categorical else "AUTO",
             "OVERVIEW_RESAMPLING": self.overview_resampling.upper(),
             "BIGTIFF": self.bigtiff,
             "NUM_THREADS": "ALL_CPUS",

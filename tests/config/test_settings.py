@@ -82,6 +82,7 @@ def test_categorical_collections_must_use_nearest_or_mode() -> None:
         CogProfile(categorical=True, overview_resampling="average")
     ok = CogProfile(categorical=True, overview_resampling="mode", warp_resampling="nearest")
     assert ok.creation_options()["OVERVIEW_RESAMPLING"] == "MODE"
+    assert ok.creation_options()["OVERVIEWS"] == "IGNORE_EXISTING"
 
 
 def test_creation_options_follow_profile() -> None:
