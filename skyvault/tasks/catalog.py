@@ -25,12 +25,14 @@ from skyvault.errors import (
     CatalogError,
     ConfigError,
     InvalidIdentifierError,
+    MissingDatetimeError,
     ObjectNotFoundError,
     StorageError,
     TransientCatalogError,
     TransientStorageError,
 )
 from skyvault.ids import check_id
+from skyvault.items import bbox_parts, interval_overlaps, item_interval, parse_time, utc
 from skyvault.models import BBox, CogInfo, ItemRef, Product
 from skyvault.tasks.policy import TASK_POLICY
 from skyvault.tasks.stac import build_item, validate_item
@@ -110,45 +112,17 @@ def open_catalog(catalog: CatalogSettings, store: StoreSettings) -> CatalogBacke
 # --- helpers shared by backends -------------------------------------------------------------------
 
 
-def _utc(value: dt.datetime) -> dt.datetime:
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
-
-
-def _parse_time(value: Any) -> dt.datetime | None:
-    if not value:
-        return None
-    try:
-        return _utc(dt.datetime.fromisoformat(str(value)))
-    except ValueError:
-        return None
-
-
 def _iso(value: dt.datetime) -> str:
-    text: str = pystac.utils.datetime_to_str(_utc(value))
+    text: str = pystac.utils.datetime_to_str(utc(value))
     return text
 
 
-def item_interval(item: dict[str, Any]) -> tuple[dt.datetime, dt.datetime] | None:
-    """An item's ``(start, end)`` from ``start/end_datetime`` or ``datetime``; None if it has none."""
-    props = item.get("properties", {})
-    start = _parse_time(props.get("start_datetime"))
-    end = _parse_time(props.get("end_datetime"))
-    instant = _parse_time(props.get("datetime"))
-    if start and end:
-        return start, end
-    if instant:
-        return instant, instant
-    return None
-
-
-def bbox_parts(bbox: Sequence[float]) -> list[tuple[float, float, float, float]]:
-    """A 2D lon/lat bbox as one or two boxes (two when it crosses the antimeridian, west > east)."""
-    if len(bbox) == 6:
-        bbox = (bbox[0], bbox[1], bbox[3], bbox[4])
-    w, s, e, n = (float(v) for v in bbox)
-    if w > e:
-        return [(w, s, 180.0, n), (-180.0, s, e, n)]
-    return [(w, s, e, n)]
+def _interval(item: dict[str, Any]) -> tuple[dt.datetime, dt.datetime] | None:
+    """The item's readable time interval (see :func:`item_interval`), or None if it has none."""
+    try:
+        return item_interval(item, strict=False)
+    except MissingDatetimeError:
+        return None
 
 
 def bboxes_intersect(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -158,14 +132,6 @@ def bboxes_intersect(a: Sequence[float], b: Sequence[float]) -> bool:
         for pa in bbox_parts(a)
         for pb in bbox_parts(b)
     )
-
-
-def interval_overlaps(
-    interval: tuple[dt.datetime, dt.datetime], start: dt.datetime | None, end: dt.datetime | None
-) -> bool:
-    """Whether ``interval`` overlaps ``[start, end]`` (None = unbounded; ends included)."""
-    lo, hi = interval
-    return (end is None or lo <= _utc(end)) and (start is None or hi >= _utc(start))
 
 
 def union_bbox(bboxes: Iterable[Sequence[float]]) -> list[float] | None:
@@ -194,9 +160,9 @@ def item_ref(item: dict[str, Any], href: str, created: bool) -> ItemRef:
         collection=str(item.get("collection")),
         item_id=str(item.get("id")),
         href=href,
-        datetime=_parse_time(props.get("datetime")),
-        start_datetime=_parse_time(props.get("start_datetime")),
-        end_datetime=_parse_time(props.get("end_datetime")),
+        datetime=parse_time(props.get("datetime")),
+        start_datetime=parse_time(props.get("start_datetime")),
+        end_datetime=parse_time(props.get("end_datetime")),
         bbox=bbox,
         created=created,
     )
@@ -407,7 +373,7 @@ class StaticCatalog:
             (s, e)
             for link in item_links.values()
             if isinstance(link.get(LINK_INTERVAL), list) and len(link[LINK_INTERVAL]) == 2
-            for s, e in [(_parse_time(link[LINK_INTERVAL][0]), _parse_time(link[LINK_INTERVAL][1]))]
+            for s, e in [(parse_time(link[LINK_INTERVAL][0]), parse_time(link[LINK_INTERVAL][1]))]
             if s and e
         ]
         temporal: list[str | None] = (
@@ -492,7 +458,7 @@ class StaticCatalog:
         link: dict[str, Any] = {"rel": "item", "href": f"./{item_id}/{item_id}.json", "type": GEOJSON_TYPE}
         if item.get("bbox"):
             link[LINK_BBOX] = [float(v) for v in item["bbox"]]
-        interval = item_interval(item)
+        interval = _interval(item)
         if interval:
             link[LINK_INTERVAL] = [_iso(interval[0]), _iso(interval[1])]
         return link
@@ -561,7 +527,7 @@ class StaticCatalog:
                 return False
             span = link.get(LINK_INTERVAL)
             if (start or end) and isinstance(span, list) and len(span) == 2:
-                lo, hi = _parse_time(span[0]), _parse_time(span[1])
+                lo, hi = parse_time(span[0]), parse_time(span[1])
                 if lo and hi and not interval_overlaps((lo, hi), start, end):
                     return False
             return True
@@ -569,7 +535,7 @@ class StaticCatalog:
         def matches(item: dict[str, Any]) -> bool:
             if bbox is not None and item.get("bbox") and not bboxes_intersect(item["bbox"], bbox):
                 return False
-            interval = item_interval(item)
+            interval = _interval(item)
             return not ((start or end) and interval and not interval_overlaps(interval, start, end))
 
         candidates = [i for i, link in links.items() if may_match(i, link)]

@@ -36,6 +36,7 @@ from shapely.geometry.polygon import orient
 from skyvault.config.collections import CollectionConfig
 from skyvault.config.settings import StoreSettings
 from skyvault.errors import CatalogError, CogValidationError, MissingDatetimeError, RasterError
+from skyvault.items import utc
 from skyvault.models import CogInfo, Product
 from skyvault.tasks.storage import open_store
 
@@ -65,13 +66,6 @@ _SIDECAR_TYPES = {".xml": "application/xml", ".json": "application/json"}
 # --- datetime ------------------------------------------------------------------------------------
 
 
-def _utc(value: dt.datetime) -> dt.datetime:
-    """``value`` in UTC; naive datetimes are taken as UTC."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=dt.UTC)
-    return value.astimezone(dt.UTC)
-
-
 def parse_tiff_datetime(value: str) -> dt.datetime | None:
     """Parse a ``TIFFTAG_DATETIME`` value (``YYYY:MM:DD HH:MM:SS``, UTC); None if malformed."""
     m = _TIFF_DATETIME.match(value)
@@ -96,15 +90,15 @@ def item_times(
         MissingDatetimeError: none of these is available or the TIFF tag is malformed.
 
     """
-    start = _utc(product.start_datetime) if product.start_datetime else None
-    end = _utc(product.end_datetime) if product.end_datetime else None
+    start = utc(product.start_datetime) if product.start_datetime else None
+    end = utc(product.end_datetime) if product.end_datetime else None
     if start and end and start > end:
         raise MissingDatetimeError(
             f"product {product.id!r} of collection {product.collection!r}: "
             f"start_datetime {start.isoformat()} is after end_datetime {end.isoformat()}"
         )
     if product.datetime is not None:
-        return _utc(product.datetime), start if end else None, end if start else None
+        return utc(product.datetime), start if end else None, end if start else None
     if start and end:
         return (start if start == end else None), start, end
     if start or end:
@@ -339,7 +333,7 @@ def _open_cog(store: StoreSettings, key: str, name: str) -> Iterator[Any]:
 
 def _json_value(value: Any) -> Any:
     if isinstance(value, dt.datetime):
-        return pystac.utils.datetime_to_str(_utc(value))
+        return pystac.utils.datetime_to_str(utc(value))
     if isinstance(value, dt.date):
         return value.isoformat()
     if isinstance(value, tuple):

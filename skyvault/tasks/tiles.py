@@ -38,10 +38,10 @@ from skyvault.config.settings import StoreSettings
 from skyvault.errors import (
     ConfigError,
     InvalidSeedRequestError,
-    MissingDatetimeError,
     ObjectNotFoundError,
     TilingError,
 )
+from skyvault.items import bbox_parts, interval_overlaps, item_interval
 from skyvault.models import BBox, SeedChunk, SeedRequest, SeedResult
 from skyvault.tasks.policy import TASK_POLICY
 from skyvault.tasks.storage import ObjectStore, open_store
@@ -85,41 +85,6 @@ def _item_id(item: dict[str, Any]) -> str:
     return str(item.get("id", "<no id>"))
 
 
-def _parse_time(item: dict[str, Any], name: str) -> dt.datetime | None:
-    value = item.get("properties", {}).get(name)
-    if value is None:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(str(value))
-    except ValueError as e:
-        raise MissingDatetimeError(f"item {_item_id(item)!r} has an unreadable {name} {value!r}") from e
-    return _utc(parsed)
-
-
-def _utc(value: dt.datetime) -> dt.datetime:
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
-
-
-def item_interval(item: dict[str, Any]) -> tuple[dt.datetime, dt.datetime]:
-    """The item's time as a closed UTC interval (an instant gives ``(t, t)``).
-
-    Raises:
-        MissingDatetimeError: the item has neither ``datetime`` nor both ``start_datetime`` and
-            ``end_datetime``, or one of them cannot be parsed.
-
-    """
-    start = _parse_time(item, "start_datetime")
-    end = _parse_time(item, "end_datetime")
-    if start is not None and end is not None:
-        return (start, end) if start <= end else (end, start)
-    instant = _parse_time(item, "datetime")
-    if instant is None:
-        raise MissingDatetimeError(
-            f"item {_item_id(item)!r} has no datetime and no start_datetime/end_datetime pair"
-        )
-    return instant, instant
-
-
 def _stamp(value: dt.datetime) -> str:
     frac = f".{value.microsecond:06d}" if value.microsecond else ""
     return value.strftime("%Y%m%dT%H%M%S") + frac + "Z"
@@ -136,16 +101,6 @@ def time_key(item: dict[str, Any]) -> str:
 
 
 # --- geometry -------------------------------------------------------------------------------------
-
-
-def bbox_parts(bbox: Sequence[float]) -> list[Polygon]:
-    """Lon/lat boxes of a bbox, split in two when it crosses the antimeridian (``minx > maxx``)."""
-    if len(bbox) == 6:
-        bbox = (bbox[0], bbox[1], bbox[3], bbox[4])
-    minx, miny, maxx, maxy = (float(v) for v in bbox)
-    if minx > maxx:
-        return [box(minx, miny, 180.0, maxy), box(-180.0, miny, maxx, maxy)]
-    return [box(minx, miny, maxx, maxy)]
 
 
 def _polygons(geom: BaseGeometry) -> list[Polygon]:
@@ -180,7 +135,7 @@ def footprint_parts(item: dict[str, Any]) -> list[Polygon]:
         if item.get("geometry"):
             parts = _polygons(shapely.make_valid(shape(item["geometry"])))
         elif bbox:
-            parts = bbox_parts(bbox)
+            parts = [box(*p) for p in bbox_parts(bbox)]
         else:
             raise TilingError(f"item {_item_id(item)!r} has no geometry and no bbox")
     except (ValueError, TypeError, AttributeError, shapely.errors.ShapelyError) as e:
@@ -265,10 +220,7 @@ def zoom_range(request: SeedRequest, collection: CollectionConfig) -> tuple[int,
 def _selected(item: dict[str, Any], request: SeedRequest) -> bool:
     if request.item_ids is not None and item.get("id") not in request.item_ids:
         return False
-    start, end = item_interval(item)
-    if request.end is not None and start > _utc(request.end):
-        return False
-    return not (request.start is not None and end < _utc(request.start))
+    return interval_overlaps(item_interval(item), request.start, request.end)
 
 
 def _union_bounds(parts: Iterable[BaseGeometry]) -> BBox | None:
@@ -306,7 +258,7 @@ def plan_seed(
     if chunk_size < 1:
         raise InvalidSeedRequestError(f"seed request for {collection.id!r}: chunk_size must be >= 1")
     lo, hi = zoom_range(request, collection)
-    area = bbox_parts(request.bbox) if request.bbox is not None else [_WORLD]
+    area = [box(*p) for p in bbox_parts(request.bbox)] if request.bbox is not None else [_WORLD]
 
     layers: dict[str, list[tuple[dict[str, Any], list[Polygon]]]] = defaultdict(list)
     for item in items:
