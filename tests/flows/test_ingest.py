@@ -75,7 +75,8 @@ def settings(request: pytest.FixtureRequest, configure: Callable[..., Settings],
 
 def _read_png(data: bytes) -> np.ndarray:
     with MemoryFile(data) as mem, mem.open() as ds:
-        return ds.read()
+        pixels: np.ndarray = ds.read()
+    return pixels
 
 
 def test_full_pipeline_and_rerun(settings: Settings) -> None:
