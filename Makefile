@@ -32,8 +32,10 @@ typecheck:
 pytest:
 	$(RUN) pytest -q
 
-bench: setup ## compare against the reference tools; prints a table for docs/benchmarks.md
-	$(RUN) python -m bench.run
+bench: setup ## compare against the reference tools; tables go to bench/out/ for docs/benchmarks.md
+	$(RUN) python -m bench.preprocess
+	$(RUN) python -m bench.seed
+	$(RUN) python -m bench.archive
 
 clean:
 	rm -rf skyvault-data .pytest_cache .mypy_cache .ruff_cache
