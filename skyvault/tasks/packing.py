@@ -15,6 +15,7 @@ import os
 import stat
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
@@ -30,6 +31,7 @@ from skyvault.tasks.storage import ObjectStore, check_prefix, open_store
 
 BLOCKSIZE = tarfile.BLOCKSIZE
 RECORDSIZE = tarfile.RECORDSIZE
+DELETE_THREADS = 8
 
 
 def landing_prefix(dataset_id: str) -> str:
@@ -308,8 +310,8 @@ def delete_files(source: DatasetSource, files: list[DatasetFile], store: StoreSe
     """
     if source.kind == "store":
         objects = open_store(store)
-        for file in files:
-            objects.delete(file.source)
+        with ThreadPoolExecutor(DELETE_THREADS) as pool:
+            list(pool.map(objects.delete, [f.source for f in files]))
         return len(files)
     root = Path(source.location).resolve()
     parents: set[Path] = set()
