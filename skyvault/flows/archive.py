@@ -1,9 +1,10 @@
 """The archive flow: a dataset from its landing prefix (or a local folder) to verified LTS datablocks.
 
-Steps: list the files, plan the datablocks, check LTS has room, write every datablock (checksummed
-while streamed), read each back uncached and verify it, write the manifest, and only then delete
-the landing data. One archive run per dataset at a time; a failed or cancelled run removes its
-partial datablocks and leaves the landing data as it was, so a re-run starts clean.
+Steps: list the files, plan the datablocks, clear what a crashed run may have left, check LTS has
+room, write every datablock (checksummed while streamed), read each back uncached and verify it,
+write the manifest, and only then delete the landing data. One archive run per dataset at a time;
+a failed or cancelled run removes its partial datablocks and leaves the landing data as it was, so
+a re-run starts clean.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from skyvault.models import ArchiveResult, Datablock, DatablockInfo, DatasetFile
 from skyvault.tasks.lts import (
     build_manifest,
     check_space,
+    clean_partial,
     dataset_lock,
     load_manifest,
     manifest_path,
@@ -135,6 +137,7 @@ def archive(
             result = _result(source, manifest, str(manifest_path(lts, dataset_id)), deleted, created=False)
         else:
             planned = plan_blocks(dataset_id, files, lts.datablock_bytes)
+            clean_partial(lts, dataset_id)
             check_space(lts, dataset_id, sum(b.size for b in planned))
             tags = ["lts-write", "object-store-read"] if source.kind == "store" else ["lts-write"]
             writer = write_block.with_options(tags=tags)

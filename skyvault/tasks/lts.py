@@ -524,6 +524,12 @@ def check_space(lts: LtsSettings, dataset_id: str, needed: int) -> int:
     return ensure_free_space(lts, dataset_id, needed)
 
 
+@task(name="remove-partial", tags=["lts-write"], **TASK_POLICY)
+def clean_partial(lts: LtsSettings, dataset_id: str) -> list[str]:
+    """Remove what an earlier, crashed archive run left on LTS (see :func:`remove_partial`)."""
+    return remove_partial(lts, dataset_id)
+
+
 @task(name="write-datablock", task_run_name="write/{block.name}", tags=["lts-write"], **TASK_POLICY)
 def write_block(
     block: PlannedDatablock, source: DatasetSource, store: StoreSettings, lts: LtsSettings

@@ -81,6 +81,8 @@ def test_corrupted_block_fails_the_run_keeps_landing_and_a_rerun_succeeds(
     assert not lts_dir.exists() or list(lts_dir.iterdir()) == []
 
     monkeypatch.setattr(lts_module, "verify_datablock", real_verify)
+    lts_dir.mkdir(parents=True, exist_ok=True)
+    (lts_dir / "ds-corrupt_00042.tar").write_bytes(b"left by a crashed run")
     result = archive("ds-corrupt")
     assert result.created
     assert result.file_count == 9
