@@ -30,7 +30,7 @@ def prepare(root: Path, *, broken: bool = True) -> Path:
             {
                 "scratch_dir": str((root / "scratch").resolve()),
                 "store": {"kind": "local", "root": str((root / "store").resolve())},
-                "lts": {"root": str((root / "lts").resolve())},
+                "lts": {"root": str((root / "lts").resolve()), "create_root": True},
                 "catalog": {"backend": "static", "id": "skyvault-demo", "title": "skyvault demo catalog"},
                 "collections": COLLECTIONS,
             },

@@ -144,7 +144,7 @@ def local_settings(tmp_path: Path) -> Settings:
     return Settings(
         scratch_dir=tmp_path / "scratch",
         store=StoreSettings(root=tmp_path / "store"),
-        lts={"root": tmp_path / "lts"},
+        lts={"root": tmp_path / "lts", "create_root": True},
     )
 
 

@@ -60,6 +60,9 @@ class LtsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     root: Path = Path("skyvault-data/lts")
+    #: Create ``root`` when it is missing. Off by default: a missing LTS mount point must fail the
+    #: archive instead of silently filling the filesystem under it.
+    create_root: bool = False
     datablock_bytes: int = Field(100 * 1024**3, gt=0)
     free_space_margin_bytes: int = Field(64 * 1024**2, ge=0)
     free_space_wait_seconds: float = Field(0.0, ge=0)

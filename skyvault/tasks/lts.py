@@ -74,6 +74,24 @@ def manifest_path(lts: LtsSettings, dataset_id: str) -> Path:
 # --- free space -----------------------------------------------------------------------------------
 
 
+def check_root(lts: LtsSettings, dataset_id: str) -> None:
+    """Make sure the LTS root is there (created only when ``lts.create_root``).
+
+    Raises:
+        DatasetError: the root is missing (an unmounted LTS, say) and may not be created.
+    """
+    if lts.root.is_dir():
+        return
+    if not lts.create_root:
+        raise DatasetError(
+            f"LTS root {lts.root} does not exist (not mounted?); cannot archive dataset {dataset_id!r}"
+        )
+    try:
+        lts.root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DatasetError(f"cannot create LTS root {lts.root} for dataset {dataset_id!r}: {e}") from e
+
+
 def free_bytes(path: Path) -> int:
     """Bytes available to this process on the filesystem holding ``path`` (or its nearest parent)."""
     probe = path.absolute()
@@ -101,6 +119,7 @@ def ensure_free_space(
             the dataset, the bytes needed (with the margin) and the bytes free.
 
     """
+    check_root(lts, dataset_id)
     deadline = clock() + lts.free_space_wait_seconds
     while True:
         free = free_bytes(lts.root)

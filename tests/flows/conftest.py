@@ -31,7 +31,7 @@ def configure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., 
         body: dict[str, Any] = {
             "scratch_dir": str(tmp_path / "scratch"),
             "store": store_as_yaml(store),
-            "lts": {"root": str(tmp_path / "lts")},
+            "lts": {"root": str(tmp_path / "lts"), "create_root": True},
             "collections": COLLECTIONS,
         }
         body.update(overrides)

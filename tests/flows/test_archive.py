@@ -48,7 +48,12 @@ def dataset_files(n: int, size: int) -> dict[str, bytes]:
 def local(configure: Callable[..., Settings], tmp_path: Path) -> Settings:
     return configure(
         StoreSettings(root=tmp_path / "store"),
-        lts={"root": str(tmp_path / "lts"), "datablock_bytes": 64 * 1024, "free_space_margin_bytes": 0},
+        lts={
+            "root": str(tmp_path / "lts"),
+            "create_root": True,
+            "datablock_bytes": 64 * 1024,
+            "free_space_margin_bytes": 0,
+        },
     )
 
 
@@ -114,7 +119,12 @@ def test_full_lts_fails_naming_dataset_and_space_and_keeps_landing(
 ) -> None:
     settings = configure(
         StoreSettings(root=tmp_path / "store"),
-        lts={"root": str(small_lts), "datablock_bytes": 1 << 20, "free_space_margin_bytes": 4096},
+        lts={
+            "root": str(small_lts),
+            "create_root": True,
+            "datablock_bytes": 1 << 20,
+            "free_space_margin_bytes": 4096,
+        },
     )
     store = open_store(settings.store)
     fill_landing(store, "ds-full", dataset_files(6, 500_000))

@@ -52,7 +52,12 @@ def test_round_trip_on_s3_is_byte_and_path_exact(
 ) -> None:
     settings = configure(
         s3_store_settings,
-        lts={"root": str(tmp_path / "lts"), "datablock_bytes": 256 * 1024, "free_space_margin_bytes": 0},
+        lts={
+            "root": str(tmp_path / "lts"),
+            "create_root": True,
+            "datablock_bytes": 256 * 1024,
+            "free_space_margin_bytes": 0,
+        },
     )
     content = round_trip_content()
     bucket = s3_store_settings.bucket
@@ -94,7 +99,12 @@ def test_round_trip_on_s3_is_byte_and_path_exact(
 def archived(configure: Callable[..., Settings], tmp_path: Path) -> Settings:
     settings = configure(
         StoreSettings(root=tmp_path / "store"),
-        lts={"root": str(tmp_path / "lts"), "datablock_bytes": 64 * 1024, "free_space_margin_bytes": 0},
+        lts={
+            "root": str(tmp_path / "lts"),
+            "create_root": True,
+            "datablock_bytes": 64 * 1024,
+            "free_space_margin_bytes": 0,
+        },
     )
     store = open_store(settings.store)
     for i in range(3):

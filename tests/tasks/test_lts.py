@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from skyvault.config.settings import LtsSettings, StoreSettings
-from skyvault.errors import InsufficientSpaceError, MissingFilesError, VerificationError
+from skyvault.errors import DatasetError, InsufficientSpaceError, MissingFilesError, VerificationError
 from skyvault.models import Datablock, DatasetSource
 from skyvault.tasks.lts import (
     build_manifest,
@@ -49,7 +49,9 @@ def make_dataset(root: Path, content: dict[str, bytes] = CONTENT) -> Path:
 
 @pytest.fixture
 def lts(tmp_path: Path) -> LtsSettings:
-    return LtsSettings(root=tmp_path / "lts", datablock_bytes=128 * 1024, free_space_margin_bytes=0)
+    return LtsSettings(
+        root=tmp_path / "lts", create_root=True, datablock_bytes=128 * 1024, free_space_margin_bytes=0
+    )
 
 
 @pytest.fixture
@@ -166,7 +168,9 @@ def test_blocks_stream_from_the_object_store(tmp_path: Path, lts: LtsSettings) -
 
 
 def test_free_space_check_waits_then_fails_naming_dataset_and_bytes(small_fs: Path) -> None:
-    lts = LtsSettings(root=small_fs / "lts", free_space_margin_bytes=100_000, free_space_wait_seconds=30)
+    lts = LtsSettings(
+        root=small_fs / "lts", create_root=True, free_space_margin_bytes=100_000, free_space_wait_seconds=30
+    )
     sleeps: list[float] = []
     now = [0.0]
 
@@ -185,7 +189,9 @@ def test_free_space_check_waits_then_fails_naming_dataset_and_bytes(small_fs: Pa
 def test_free_space_check_passes_when_space_frees_up_during_the_wait(small_fs: Path) -> None:
     filler = small_fs / "filler"
     filler.write_bytes(b"\0" * 1_500_000)
-    lts = LtsSettings(root=small_fs / "lts", free_space_margin_bytes=0, free_space_wait_seconds=60)
+    lts = LtsSettings(
+        root=small_fs / "lts", create_root=True, free_space_margin_bytes=0, free_space_wait_seconds=60
+    )
     assert (
         ensure_free_space(lts, "ds", 1_000_000, sleep=lambda s: filler.unlink(), clock=lambda: 0.0)
         >= 1_000_000
@@ -196,7 +202,7 @@ def test_running_out_of_space_mid_write_names_dataset_and_leaves_nothing(
     tmp_path: Path, small_fs: Path
 ) -> None:
     make_dataset(tmp_path / "src", {"a.bin": os.urandom(1_500_000), "b.bin": os.urandom(1_500_000)})
-    lts = LtsSettings(root=small_fs / "lts", datablock_bytes=10 << 20)
+    lts = LtsSettings(root=small_fs / "lts", create_root=True, datablock_bytes=10 << 20)
     source = dataset_source("ds-big", source_dir=tmp_path / "src")
     (block,) = plan_datablocks("ds-big", list_dataset(source, StoreSettings()), lts.datablock_bytes)
     with pytest.raises(InsufficientSpaceError) as err:
@@ -266,3 +272,12 @@ def test_members_follow_links_only_inside_and_keep_them_as_links(tmp_path: Path,
     with tarfile.open(lts.root / "ds1" / blocks[0].name) as tar:
         assert tar.getmember("alias").issym()
         assert tar.getmember("alias").linkname == "data/x.bin"
+
+
+def test_a_missing_lts_mount_fails_instead_of_filling_its_parent(tmp_path: Path) -> None:
+    lts = LtsSettings(root=tmp_path / "mnt" / "lts")
+    with pytest.raises(DatasetError, match=r"does not exist \(not mounted\?\).*'ds-1'"):
+        ensure_free_space(lts, "ds-1", 10)
+    assert not (tmp_path / "mnt").exists()
+    ensure_free_space(lts.model_copy(update={"create_root": True}), "ds-1", 10)
+    assert (tmp_path / "mnt" / "lts").is_dir()
