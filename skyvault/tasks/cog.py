@@ -119,24 +119,20 @@ def preprocess_product(
     env = _gdal_env(objects, source_key, key)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cog-hash") as pool:
         known: str | None = None
+        existing: tuple[str, int] | None = None
         if not replace:
             existing, known = _same_source_cog(objects, key, source_key, collection, env, pool)
-            if existing is not None and known is not None:
-                sha256, size = existing
-                return CogInfo(
-                    collection=collection.id,
-                    product_id=product.id,
-                    key=key,
-                    sha256=sha256,
-                    size=size,
-                    source_sha256=known,
-                    created=False,
+        if existing is not None and known is not None:
+            (sha256, size), source_sha256, created = existing, known, False
+        else:
+            with _scratch(scratch_dir, product) as work:
+                cog_path, source_sha256 = _make_cog(
+                    product, collection, objects, source, env, work, pool, known
                 )
-        with _scratch(scratch_dir, product) as work:
-            cog_path, source_sha256 = _make_cog(product, collection, objects, source, env, work, pool, known)
-            cog_hash = pool.submit(sha256_file, cog_path)
-            objects.put_file(key, cog_path, content_type=COG_MEDIA_TYPE)
-            sha256, size = cog_hash.result()
+                cog_hash = pool.submit(sha256_file, cog_path)
+                objects.put_file(key, cog_path, content_type=COG_MEDIA_TYPE)
+                sha256, size = cog_hash.result()
+            created = True
     return CogInfo(
         collection=collection.id,
         product_id=product.id,
@@ -144,7 +140,7 @@ def preprocess_product(
         sha256=sha256,
         size=size,
         source_sha256=source_sha256,
-        created=True,
+        created=created,
     )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -102,25 +101,13 @@ def test_corrupted_block_fails_the_run_keeps_landing_and_a_rerun_succeeds(
     assert again.datablocks == result.datablocks
 
 
-@pytest.fixture
-def small_lts(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs to hold LTS (we run as root)."""
-    mount = tmp_path / "small-lts"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-
-
 def test_full_lts_fails_naming_dataset_and_space_and_keeps_landing(
-    configure: Callable[..., Settings], tmp_path: Path, small_lts: Path
+    configure: Callable[..., Settings], tmp_path: Path, small_fs: Path
 ) -> None:
     settings = configure(
         StoreSettings(root=tmp_path / "store"),
         lts={
-            "root": str(small_lts),
+            "root": str(small_fs),
             "create_root": True,
             "datablock_bytes": 1 << 20,
             "free_space_margin_bytes": 4096,
@@ -138,7 +125,7 @@ def test_full_lts_fails_naming_dataset_and_space_and_keeps_landing(
     assert "bytes needed" in message
     assert "bytes free" in message
     assert snapshot(store, "landing/ds-full/") == landing
-    assert list(small_lts.rglob("*")) == []
+    assert list(small_fs.rglob("*")) == []
 
 
 def test_missing_dataset_and_unsafe_ids(local: Settings) -> None:

@@ -6,7 +6,6 @@ import hashlib
 import os
 import subprocess
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,18 +51,6 @@ def lts(tmp_path: Path) -> LtsSettings:
     return LtsSettings(
         root=tmp_path / "lts", create_root=True, datablock_bytes=128 * 1024, free_space_margin_bytes=0
     )
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs (we run as root)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def archive_local(
