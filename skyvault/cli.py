@@ -1,0 +1,89 @@
+"""``skyvault``: run a flow once from the command line (the same flows deployments run).
+
+Examples::
+
+    skyvault ingest --collection s2-l2a --since 2026-06-01T00:00:00Z
+    skyvault seed s2-l2a --start 2026-06-01 --end 2026-06-30 --min-zoom 0 --max-zoom 8
+    skyvault archive ds-0042 --source-dir /data/incoming/ds-0042
+    skyvault retrieve ds-0042
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel
+
+
+def _bbox(text: str) -> tuple[float, float, float, float]:
+    parts = [float(p) for p in text.split(",")]
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError("bbox is minx,miny,maxx,maxy")
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skyvault", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    sub = parser.add_subparsers(dest="flow", required=True)
+
+    p = sub.add_parser("ingest", help="discover products in the landing zone and process each")
+    p.add_argument("--collection")
+    p.add_argument("--report", help="object key of one browse report or JSON sidecar")
+    p.add_argument("--since", type=dt.datetime.fromisoformat)
+    p.add_argument("--pattern")
+    p.add_argument("--replace", action="store_true")
+    p.add_argument("--no-seed", dest="seed_tiles", action="store_false")
+
+    p = sub.add_parser("seed", help="render a collection's tiles for a time interval and zoom range")
+    p.add_argument("collection")
+    p.add_argument("--start", type=dt.datetime.fromisoformat)
+    p.add_argument("--end", type=dt.datetime.fromisoformat)
+    p.add_argument("--min-zoom", type=int)
+    p.add_argument("--max-zoom", type=int)
+    p.add_argument("--bbox", type=_bbox, help="minx,miny,maxx,maxy in lon/lat")
+    p.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("archive", help="archive a dataset to LTS")
+    p.add_argument("dataset_id")
+    p.add_argument("--source-prefix")
+    p.add_argument("--source-dir")
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("--keep-landing", dest="keep_landing", action="store_true", default=None)
+    keep.add_argument("--delete-landing", dest="keep_landing", action="store_false")
+
+    p = sub.add_parser("retrieve", help="retrieve an archived dataset and print its download links")
+    p.add_argument("dataset_id")
+    return parser
+
+
+def _flows() -> dict[str, Callable[..., Any]]:
+    from skyvault.flows.archive import archive
+    from skyvault.flows.ingest import ingest
+    from skyvault.flows.retrieve import retrieve
+    from skyvault.flows.seed import seed
+
+    return {"ingest": ingest, "seed": seed, "archive": archive, "retrieve": retrieve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one flow; print its result as JSON. Exit 1 when the run or any product in it failed."""
+    args = vars(_parser().parse_args(argv))
+    name = args.pop("flow")
+    state = _flows()[name](**args, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseModel):
+        print(json.dumps(result.model_dump(mode="json"), indent=2))
+    elif isinstance(result, BaseException):
+        print(f"{name} failed: {result}")
+    failed = getattr(result, "failed", 0)
+    return 0 if state.is_completed() and not failed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
