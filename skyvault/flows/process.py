@@ -10,11 +10,12 @@ from prefect import flow
 
 from skyvault.config.settings import get_settings
 from skyvault.flows.seed import seed
-from skyvault.models import BBox, CogInfo, ItemRef, Product, ProductOutcome, SeedResult
-from skyvault.tasks.catalog import item_bbox, union_bbox
+from skyvault.models import CogInfo, ItemRef, Product, ProductOutcome, SeedResult
+from skyvault.tasks.catalog import read_item
 from skyvault.tasks.catalog import register as register_task
 from skyvault.tasks.cog import preprocess as preprocess_task
 from skyvault.tasks.status import run_name
+from skyvault.tasks.tiles import reseed_extent
 
 
 @flow(name="preprocess", flow_run_name="preprocess/{product.collection}/{product.id}")
@@ -42,25 +43,21 @@ def process_product(product: Product, replace: bool = False, seed_tiles: bool = 
     """
     settings = get_settings()
     collection = settings.collection(product.collection)
-    old_bbox = (
-        item_bbox(collection.id, product.id, settings.catalog, settings.store)
-        if replace and seed_tiles
-        else None
-    )
+    previous = read_item(collection.id, product.id, settings.catalog, settings.store) if replace else None
     cog = preprocess.with_options(flow_run_name=run_name("preprocess", collection.id, product.id))(
         product, replace=replace
     )
     item = register.with_options(flow_run_name=run_name("register", collection.id, product.id))(product, cog)
     tiles = SeedResult(collection=collection.id)
     if seed_tiles:
-        union = union_bbox([item.bbox, old_bbox]) if old_bbox else None
-        bbox: BBox = (union[0], union[1], union[2], union[3]) if union else item.bbox
+        start, end, bbox = reseed_extent(item, previous)
         tiles = seed.with_options(flow_run_name=run_name("seed", collection.id, product.id))(
             collection.id,
-            start=item.start_datetime or item.datetime,
-            end=item.end_datetime or item.datetime,
+            start=start,
+            end=end,
             bbox=bbox,
             force=replace,
+            previous_items=[previous] if previous else None,
         )
     return ProductOutcome(
         collection=collection.id,

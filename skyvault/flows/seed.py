@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -44,11 +45,13 @@ def seed(
     bbox: BBox | None = None,
     item_ids: list[str] | None = None,
     force: bool = False,
+    previous_items: list[dict[str, Any]] | None = None,
 ) -> SeedResult:
     """Render the tiles of every item of ``collection`` in the interval, many tiles per task.
 
     Existing tiles are skipped unless ``force``; tiles with no data are not written. One seeder
-    per tileset runs at a time (tag ``tileset:<collection>``).
+    per tileset runs at a time (tag ``tileset:<collection>``). ``previous_items`` are the former
+    versions of replaced items, whose old extent is re-rendered (or cleared) too.
     """
     settings = get_settings()
     config = settings.collection(collection)
@@ -63,7 +66,7 @@ def seed(
         force=force,
     )
     items = find_items(request, settings.catalog, settings.store)
-    chunks = plan_seed(items, request, config)
+    chunks = plan_seed(items, request, config, previous=previous_items or ())
     seeder = tileset_seeder(config)
     futures = [seeder.submit(chunk, config, settings.store, force=force) for chunk in chunks]
     total = combine_results(collection, [f.result() for f in futures])

@@ -628,9 +628,9 @@ def existing_items(
     return find_existing_items(pairs, catalog, store)
 
 
-@task(name="item-bbox", tags=["object-store-read"], **TASK_POLICY)
-def item_bbox(
+@task(name="read-item", tags=["object-store-read"], **TASK_POLICY)
+def read_item(
     collection_id: str, item_id: str, catalog: CatalogSettings, store: StoreSettings
-) -> BBox | None:
-    """Task: :func:`find_item_bbox`."""
-    return find_item_bbox(collection_id, item_id, catalog, store)
+) -> dict[str, Any] | None:
+    """Task: the stored item, or None (read before a replace so its old extent can be re-seeded)."""
+    return open_catalog(catalog, store).get_item(collection_id, item_id)

@@ -42,7 +42,8 @@ from skyvault.errors import (
     TilingError,
 )
 from skyvault.items import bbox_parts, interval_overlaps, item_interval
-from skyvault.models import BBox, SeedChunk, SeedRequest, SeedResult
+from skyvault.models import BBox, ItemRef, SeedChunk, SeedRequest, SeedResult
+from skyvault.tasks.catalog import union_bbox
 from skyvault.tasks.policy import TASK_POLICY
 from skyvault.tasks.storage import ObjectStore, open_store
 
@@ -236,6 +237,8 @@ def plan_seed(
     request: SeedRequest,
     collection: CollectionConfig,
     chunk_size: int = 256,
+    *,
+    previous: Sequence[dict[str, Any]] = (),
 ) -> list[SeedChunk]:
     """Plan the tiles to render for a seed request, grouped by layer and chunked.
 
@@ -243,6 +246,9 @@ def plan_seed(
     with their footprint, within the request bbox, for every zoom of the range. Every item of
     ``items`` with the same time key joins the mosaic of the tiles it touches, so pass all items
     of the interval (a catalog search) even when ``item_ids`` narrows what is re-rendered.
+    ``previous`` are the former versions of replaced items: their footprints add tiles to their
+    layer (so a forced re-seed re-renders or deletes what only the old extent covered) but they
+    take no part in any mosaic.
 
     Raises:
         InvalidSeedRequestError: the request names another collection, a bad zoom range or
@@ -268,11 +274,14 @@ def plan_seed(
             )
         _cog_key(item, collection.id)
         layers[time_key(item)].append((item, footprint_parts(item)))
+    former: dict[str, list[Polygon]] = defaultdict(list)
+    for item in previous:
+        former[time_key(item)].extend(footprint_parts(item))
 
     chunks: list[SeedChunk] = []
-    for layer in sorted(layers):
+    for layer in sorted(set(layers) | set(former)):
         members = sorted(layers[layer], key=lambda m: (_item_id(m[0]), _cog_key(m[0], collection.id)))
-        regions: list[BaseGeometry] = []
+        regions: list[BaseGeometry] = [p.intersection(a) for p in former[layer] for a in area]
         for item, parts in members:
             if _selected(item, request):
                 regions.extend(p.intersection(a) for p in parts for a in area)
@@ -394,6 +403,8 @@ def _render_tile(
                 f"collection {collection.id!r}: cannot render tile {tz}/{tx}/{ty} from COG {key!r}: {e}"
             ) from e
 
+    if not chunk.cog_keys:
+        return None
     try:
         img, _ = mosaic_reader(list(chunk.cog_keys), read, x, y, z, threads=1)
     except EmptyMosaicError:
@@ -462,6 +473,27 @@ def render_chunk(
         empty=empty,
         layers=(chunk.time_key,),
     )
+
+
+def reseed_extent(
+    item: ItemRef, previous: dict[str, Any] | None
+) -> tuple[dt.datetime | None, dt.datetime | None, BBox]:
+    """Time interval and lon/lat bbox to re-seed after ``item`` was written over ``previous``.
+
+    Covers both versions, so the tiles of the old extent and of the old time's layer are
+    re-rendered too.
+    """
+    start = item.start_datetime or item.datetime
+    end = item.end_datetime or item.datetime
+    bboxes: list[Sequence[float]] = [item.bbox]
+    if previous is not None:
+        old_start, old_end = item_interval(previous)
+        start = min(start, old_start) if start else old_start
+        end = max(end, old_end) if end else old_end
+        if previous.get("bbox"):
+            bboxes.append(previous["bbox"])
+    w, s, e, n = union_bbox(bboxes) or item.bbox
+    return start, end, (w, s, e, n)
 
 
 def combine_results(collection_id: str, results: Iterable[SeedResult]) -> SeedResult:

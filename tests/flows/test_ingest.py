@@ -215,11 +215,33 @@ def test_replace_rebuilds(configure: Callable[..., Settings], tmp_path: Path) ->
     write_samples(store)
     run_ingest(collection="demo-dem")
     before = stamps(store, "cogs/demo-dem/")
+    layer = "tiles/demo-dem/WebMercatorQuad/20260501T000000Z/10/"
+    old_tiles = {o.key for o in store.list(layer)}
+
+    # the new version of DEM_N47E010 covers only its western 0.1 degree
+    narrow = write_raster(
+        tmp_path / "narrow.tif",
+        np.full((1, 64, 64), 500.0, dtype="float32"),
+        transform=rasterio.transform.from_origin(10.0, 47.5, 0.1 / 64, 0.5 / 64),
+        nodata=-9999.0,
+    )
+    store.put_file("landing/demo-dem/DEM_N47E010.tif", narrow)
     summary = run_ingest(collection="demo-dem", replace=True)
     assert {o.state for o in summary.outcomes} == {"done"}
     after = stamps(store, "cogs/demo-dem/")
     assert all(after[k] > before[k] for k in before)
-    assert len(open_catalog(s.catalog, s.store).search("demo-dem")) == 2
+    items = {i["id"]: i for i in open_catalog(s.catalog, s.store).search("demo-dem")}
+    assert len(items) == 2
+    assert items["DEM_N47E010"]["bbox"][2] == pytest.approx(10.1, abs=1e-3)
+
+    # the tiles of the old extent that the new one does not cover are gone
+    tms = morecantile.tms.get("WebMercatorQuad")
+    new_tiles = {o.key for o in store.list(layer)}
+    assert new_tiles
+    assert new_tiles < old_tiles
+    for key in new_tiles:
+        x, y = (int(v) for v in key[len(layer) :].removesuffix(".png").split("/"))
+        assert tms.bounds(morecantile.Tile(x, y, 10)).left < 10.1
 
 
 def _product(pid: str) -> Any:

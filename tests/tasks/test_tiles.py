@@ -554,3 +554,64 @@ def test_seeding_on_s3(s3_store_settings: StoreSettings, tmp_path: Path, rgb_432
     assert (second.written, second.skipped) == (0, first.written)
     write_tilejsons(chunks, collection, s3_store_settings)
     assert json.loads(objects.get_bytes(tilejson_key("rgb", LAYER)))["bounds"] == [10.0, 45.0, 11.0, 46.0]
+
+
+def test_a_replaced_item_that_shrank_leaves_no_stale_tiles(store: StoreSettings, tmp_path: Path) -> None:
+    collection = CollectionConfig(id="rgb", min_zoom=11, max_zoom=11)
+    wide = put_cog(
+        store, tmp_path, "cogs/rgb/p.tif", constant_scene(tmp_path, "wide", (200, 0, 0), 10.0, 46.0)
+    )
+    old = make_item("p", wide, (10.0, 45.5, 10.5, 46.0))
+    run([old], SeedRequest(collection="rgb"), collection, store)
+    old_tiles = written_tiles(store, "rgb")
+
+    # the replacement covers only 10.0..10.1E: tiles east of it must go
+    narrow_src = write_raster(
+        tmp_path / "src" / "narrow.tif",
+        np.full((3, 64, 64), 90, dtype="uint8"),
+        transform=from_origin(10.0, 46.0, 0.1 / 64, 0.5 / 64),
+    )
+    narrow = put_cog(store, tmp_path, "cogs/rgb/p.tif", narrow_src)
+    new = make_item("p", narrow, (10.0, 45.5, 10.1, 46.0))
+    request = SeedRequest(collection="rgb", bbox=(10.0, 45.5, 10.5, 46.0), force=True)
+    for chunk in plan_seed([new], request, collection, previous=[old]):
+        render_chunk(chunk, collection, store, force=True)
+    new_tiles = written_tiles(store, "rgb")
+    assert new_tiles
+    assert new_tiles < old_tiles
+    assert all(TMS.bounds(morecantile.Tile(x, y, z)).left < 10.1 for z, x, y in new_tiles)
+
+
+def test_a_replaced_item_that_moved_in_time_clears_its_old_layer(
+    store: StoreSettings, tmp_path: Path
+) -> None:
+    collection = CollectionConfig(id="rgb", min_zoom=8, max_zoom=8)
+    key = put_cog(store, tmp_path, "cogs/rgb/p.tif", constant_scene(tmp_path, "p", (200, 0, 0), 10.0, 46.0))
+    old = make_item("p", key, (10.0, 45.5, 10.5, 46.0))
+    run([old], SeedRequest(collection="rgb"), collection, store)
+    assert written_tiles(store, "rgb")
+    new = make_item("p", key, (10.0, 45.5, 10.5, 46.0), when="2026-01-01T01:00:00Z")
+    request = SeedRequest(collection="rgb", force=True)
+    for chunk in plan_seed([new], request, collection, previous=[old]):
+        render_chunk(chunk, collection, store, force=True)
+    assert written_tiles(store, "rgb") == set()
+    assert written_tiles(store, "rgb", "20260101T010000Z")
+
+
+def test_reseed_extent_covers_both_versions() -> None:
+    from skyvault.models import ItemRef
+    from skyvault.tasks.tiles import reseed_extent
+
+    new = ItemRef(
+        collection="rgb",
+        item_id="p",
+        href="x",
+        datetime=dt.datetime(2026, 1, 2, tzinfo=dt.UTC),
+        bbox=(10.0, 45.0, 10.2, 45.2),
+        created=False,
+    )
+    old = make_item("p", "cogs/rgb/p.tif", (9.0, 44.0, 10.1, 45.1), when="2026-01-01T00:00:00Z")
+    start, end, bbox = reseed_extent(new, old)
+    assert (start, end) == (dt.datetime(2026, 1, 1, tzinfo=dt.UTC), dt.datetime(2026, 1, 2, tzinfo=dt.UTC))
+    assert bbox == (9.0, 44.0, 10.2, 45.2)
+    assert reseed_extent(new, None) == (new.datetime, new.datetime, new.bbox)
