@@ -592,16 +592,6 @@ def find_existing_items(
     }
 
 
-def find_item_bbox(
-    collection_id: str, item_id: str, catalog: CatalogSettings, store: StoreSettings
-) -> BBox | None:
-    """The lon/lat bbox of a stored item, or None if it is not in the catalog."""
-    item = open_catalog(catalog, store).get_item(collection_id, item_id)
-    if item is None:
-        return None
-    return item_ref(item, "", created=False).bbox
-
-
 @task(name="register", tags=["catalog-write"], **TASK_POLICY)
 def register(
     product: Product,

@@ -18,7 +18,6 @@ from skyvault.models import Product
 from skyvault.tasks.catalog import (
     StaticCatalog,
     find_existing_items,
-    find_item_bbox,
     has_item,
     open_catalog,
     register_product,
@@ -296,15 +295,13 @@ def test_a_corrupt_collection_document_is_reported_by_name(store: StoreSettings)
         catalog.get_item("scenes", "a")
 
 
-def test_existence_and_bbox_lookups(store: StoreSettings) -> None:
+def test_existence_lookups(store: StoreSettings) -> None:
     open_catalog(CATALOG, store).upsert_items(SCENES, [make_item("a", store, bbox=(1.0, 2.0, 3.0, 4.0))])
     assert has_item("scenes", "a", CATALOG, store)
     assert not has_item("scenes", "zzz", CATALOG, store)
     assert not has_item("other", "a", CATALOG, store)
     pairs = [("scenes", "a"), ("scenes", "b"), ("other", "a")]
     assert find_existing_items(pairs, CATALOG, store) == {("scenes", "a")}
-    assert find_item_bbox("scenes", "a", CATALOG, store) == (1.0, 2.0, 3.0, 4.0)
-    assert find_item_bbox("scenes", "b", CATALOG, store) is None
 
 
 def test_an_item_written_without_its_link_does_not_count(store: StoreSettings) -> None:
