@@ -40,6 +40,7 @@ from skyvault.errors import (
     UnknownCollectionError,
 )
 from skyvault.ids import product_id_from_name
+from skyvault.items import utc
 from skyvault.models import Discovery, DiscoveryFailure, ObjectInfo, Product
 from skyvault.tasks.policy import TASK_POLICY
 from skyvault.tasks.reports import MAX_REPORT_BYTES, BrowseReport, NewItem, parse_browse_report, parse_newitem
@@ -117,12 +118,6 @@ def _stem(name: str) -> str:
 
 def _basename(key: str) -> str:
     return key.rsplit("/", 1)[-1]
-
-
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=dt.UTC)
 
 
 # --- views of the store --------------------------------------------------------------------------
@@ -532,7 +527,7 @@ def discover(
         raise UnknownCollectionError(f"unknown collection {collection!r} (configured: {known})")
     targets = {collection: collections[collection]} if collection is not None else collections
     matchers = {cid: raster_matcher(pattern or c.pattern, c.pattern_kind) for cid, c in targets.items()}
-    since = _aware(since)
+    since = utc(since) if since is not None else None
     obj_store = open_store(store)
     groups: dict[str, list[ObjectInfo]] = defaultdict(list)
     loose: list[ObjectInfo] = []

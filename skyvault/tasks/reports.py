@@ -21,6 +21,7 @@ from defusedxml.ElementTree import fromstring
 from pydantic import BaseModel, ConfigDict, Field
 
 from skyvault.errors import ReportError
+from skyvault.items import utc
 
 NS_BROWSE_REPORT = "http://ngeo.eo.esa.int/ngEO/browseReport/1.0"
 NS_BROWSE_REPORT_OLD = "http://ngeo.eo.esa.int/schema/browseReport"
@@ -148,10 +149,7 @@ def parse_time(value: str) -> dt.datetime:
         raise ValueError("empty date")
     if text[-1] in "zZ":
         text = text[:-1] + "+00:00"
-    parsed = dt.datetime.fromisoformat(text)
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    return parsed.astimezone(dt.UTC)
+    return utc(dt.datetime.fromisoformat(text))
 
 
 _EPSG = re.compile(r"^epsg:+(\d+)$", re.IGNORECASE)
