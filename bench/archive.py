@@ -33,15 +33,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from skyvault.config.settings import LtsSettings, StoreSettings
-from skyvault.tasks.lts import (
+from skyvault.archive.lts import (
     build_manifest,
     ensure_free_space,
     verify_datablock,
     write_datablock,
     write_manifest,
 )
-from skyvault.tasks.packing import dataset_source, list_dataset, plan_datablocks
+from skyvault.archive.packing import dataset_source, list_dataset, plan_datablocks
+from skyvault.config.settings import LtsSettings, StoreSettings
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "archive.md"

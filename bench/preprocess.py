@@ -114,10 +114,10 @@ def gdal_translate_cmd(source: Path, dest: Path, options: dict[str, str]) -> lis
 
 def child(store_root: str, scratch: str, source_key: str) -> None:
     """In a fresh process: one preprocess_product call on the local store, timed from inside."""
+    from skyvault.cog.convert import preprocess_product
     from skyvault.config.collections import CollectionConfig
     from skyvault.config.settings import StoreSettings
     from skyvault.models import Product
-    from skyvault.tasks.cog import preprocess_product
 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     product = Product(collection=COLLECTION, id=Path(source_key).stem, source_key=source_key)

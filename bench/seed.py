@@ -26,7 +26,7 @@ from rasterio.transform import from_origin
 from skyvault.config.collections import CollectionConfig
 from skyvault.config.settings import StoreSettings
 from skyvault.models import SeedChunk, SeedRequest, SeedResult
-from skyvault.tasks.tiles import combine_results, plan_seed, render_chunk, write_tilejsons
+from skyvault.tiles.seeding import combine_results, plan_seed, render_chunk, write_tilejsons
 
 OUT = Path(__file__).parent / "out" / "seed.md"
 WEST, NORTH, SPAN = 8.0, 47.0, 4.0

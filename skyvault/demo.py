@@ -21,7 +21,7 @@ DEFAULT_ROOT = Path("skyvault-data/demo")
 def prepare(root: Path, *, broken: bool = True) -> Path:
     """Write the demo config file and the sample products below ``root``; returns the config path."""
     from skyvault.samples import COLLECTIONS, write_samples
-    from skyvault.tasks.storage import LocalStore
+    from skyvault.storage.store import LocalStore
 
     root.mkdir(parents=True, exist_ok=True)
     config = root / "skyvault.yaml"

@@ -17,7 +17,7 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 
-from skyvault.tasks.storage import ObjectStore
+from skyvault.storage.store import ObjectStore
 
 COLLECTIONS: dict[str, dict[str, Any]] = {
     "demo-scenes": {

@@ -10,7 +10,7 @@ import pytest
 from skyvault.cli import main
 from skyvault.config.settings import Settings, StoreSettings
 from skyvault.samples import write_samples
-from skyvault.tasks.storage import open_store
+from skyvault.storage.store import open_store
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -16,23 +16,26 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, wait
 
+from skyvault.archive import lts as lts_store
+from skyvault.archive.lts import build_manifest, manifest_path
+from skyvault.archive.packing import dataset_source
 from skyvault.config.settings import StoreSettings, get_settings
 from skyvault.errors import DatasetError, InvalidIdentifierError
 from skyvault.ids import check_id
 from skyvault.models import ArchiveResult, Datablock, DatablockInfo, DatasetFile, DatasetSource, Manifest
-from skyvault.tasks.lts import (
-    build_manifest,
-    check_space,
-    clean_partial,
-    dataset_lock,
-    load_manifest,
-    manifest_path,
+from skyvault.tasks.archive import (
+    changed_files,
+    delete_files,
+    ensure_free_space,
+    list_dataset,
+    plan_datablocks,
+    read_manifest,
     remove_partial,
-    save_manifest,
-    verify_block,
-    write_block,
+    verify_datablock,
+    write_datablock,
+    write_manifest,
 )
-from skyvault.tasks.packing import compare_landing, dataset_source, delete_landing, list_files, plan_blocks
+from skyvault.tasks.locks import dataset_lock
 
 CLEANUP_LOCK_TIMEOUT_SECONDS = 60.0
 
@@ -53,7 +56,7 @@ def _clean_up(flow: Any, flow_run: Any, state: Any) -> None:
     settings = get_settings()
     try:
         with dataset_lock("archive", dataset_id, timeout_seconds=CLEANUP_LOCK_TIMEOUT_SECONDS):
-            removed = remove_partial(settings.lts, dataset_id)
+            removed = lts_store.remove_partial(settings.lts, dataset_id)
     except TimeoutError:
         logger.warning(
             "dataset %r: another archive run holds the dataset; it cleans up after itself", dataset_id
@@ -130,24 +133,24 @@ def archive(
     lts, store = settings.lts, settings.store
     keep = lts.keep_landing if keep_landing is None else keep_landing
     with dataset_lock("archive", dataset_id):
-        files: list[DatasetFile] = list_files(source, store)
-        manifest = load_manifest(lts, dataset_id)
+        files: list[DatasetFile] = list_dataset(source, store)
+        manifest = read_manifest(lts, dataset_id)
         if manifest is not None:
             deleted = _finish_archived(source, files, manifest, keep, store)
             result = _result(source, manifest, str(manifest_path(lts, dataset_id)), deleted, created=False)
         else:
-            planned = plan_blocks(dataset_id, files, lts.datablock_bytes)
-            clean_partial(lts, dataset_id)
-            check_space(lts, dataset_id, sum(b.size for b in planned))
+            planned = plan_datablocks(dataset_id, files, lts.datablock_bytes)
+            remove_partial(lts, dataset_id)
+            ensure_free_space(lts, dataset_id, sum(b.size for b in planned))
             tags = ["lts-write", "object-store-read"] if source.kind == "store" else ["lts-write"]
-            writer = write_block.with_options(tags=tags)
+            writer = write_datablock.with_options(tags=tags)
             written = [writer.submit(b, source, store, lts) for b in planned]
-            verified = [verify_block.submit(lts, dataset_id, w, return_state=False) for w in written]
+            verified = [verify_datablock.submit(lts, dataset_id, w, return_state=False) for w in written]
             wait([*written, *verified])
             _results(written)
             manifest = build_manifest(source, lts, _results(verified))
-            path = save_manifest(lts, manifest)
-            deleted = 0 if keep else delete_landing(source, files, store)
+            path = write_manifest(lts, manifest)
+            deleted = 0 if keep else delete_files(source, files, store)
             result = _result(source, manifest, str(path), deleted, created=True)
     create_markdown_artifact(
         key=artifact_key("archive", dataset_id),
@@ -169,7 +172,7 @@ def _finish_archived(
     if not files:
         return 0
     expected = {m.path: (m.size, m.sha256) for b in manifest.datablocks for m in b.members}
-    changed = compare_landing(source, files, store, expected)
+    changed = changed_files(source, files, store, expected)
     if changed:
         shown = ", ".join(repr(p) for p in changed[:5])
         raise DatasetError(
@@ -178,5 +181,5 @@ def _finish_archived(
         )
     if keep:
         return 0
-    deleted: int = delete_landing(source, files, store)
+    deleted: int = delete_files(source, files, store)
     return deleted

@@ -14,8 +14,8 @@ from skyvault.config.settings import get_settings
 from skyvault.errors import CatalogError, MissingDatetimeError, TilingError
 from skyvault.flows.process import process_product
 from skyvault.models import Discovery, IngestSummary, Product, ProductOutcome
-from skyvault.tasks.catalog import existing_items
-from skyvault.tasks.discovery import discover_products, read_report
+from skyvault.tasks.catalog import find_existing_items
+from skyvault.tasks.discovery import discover, products_from_report
 from skyvault.tasks.status import PROCESS_PRODUCT, last_run_failed, read_product_states, run_name
 
 _STEP_OF = ((MissingDatetimeError, "register"), (CatalogError, "register"), (TilingError, "seed"))
@@ -98,13 +98,13 @@ def ingest(
     """
     settings = get_settings()
     if report:
-        discovery = read_report(settings.store, settings.collections, report)
+        discovery = products_from_report(settings.store, settings.collections, report)
     else:
-        discovery = discover_products(
+        discovery = discover(
             settings.store, settings.collections, collection=collection, since=since, pattern=pattern
         )
     pairs = [(p.collection, p.id) for p in discovery.products]
-    registered = existing_items(pairs, settings.catalog, settings.store)
+    registered = find_existing_items(pairs, settings.catalog, settings.store)
     states = read_product_states(pairs)
     todo, outcomes = select_products(discovery, registered, states, replace)
 

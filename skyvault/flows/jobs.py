@@ -2,7 +2,7 @@
 
 A job (``archive-job/<job-id>``, ``retrieve-job/<job-id>``) reports the job ``inProgress``, then
 for each dataset in turn reports it ``started``, runs the ``archive`` or ``retrieve`` flow as a
-subflow and reports the dataset's outcome (see :mod:`skyvault.tasks.jobs` for the words and
+subflow and reports the dataset's outcome (see :mod:`skyvault.scicat.jobs` for the words and
 fields). When every dataset is done it reports ``finishedSuccessful``, ``finishedWithDatasetErrors`` or
 ``finishedUnsuccessful`` with a ``jobResultObject`` listing every dataset (and, for retrieval, the
 download URLs). If the job itself fails, crashes or is cancelled, a hook reports it
@@ -31,7 +31,8 @@ from skyvault.errors import DatasetError, SkyvaultError
 from skyvault.flows.archive import archive, artifact_key
 from skyvault.flows.retrieve import retrieve
 from skyvault.models import JobDataset, JobDatasetResult
-from skyvault.tasks.jobs import (
+from skyvault.scicat import jobs as scicat_jobs
+from skyvault.scicat.jobs import (
     DatasetLifecycle,
     JobStatus,
     archive_outcome,
@@ -42,12 +43,10 @@ from skyvault.tasks.jobs import (
     job_status,
     job_summary,
     parse_job_datasets,
-    report_dataset,
-    report_job,
     retrieve_outcome,
     retrieve_started,
-    update_job,
 )
+from skyvault.tasks.scicat import update_dataset, update_job
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +75,14 @@ def _run_datasets(
 ) -> list[JobDatasetResult]:
     reporting = is_configured(catalog)
     if reporting:
-        report_job(catalog, job_id, JobStatus.IN_PROGRESS)
+        update_job(catalog, job_id, JobStatus.IN_PROGRESS)
     results: list[JobDatasetResult] = []
     for dataset in datasets:
         if reporting:
-            report_dataset(catalog, dataset.pid, started)
+            update_dataset(catalog, dataset.pid, started)
         result, lifecycle = outcome(dataset, _outcome_of(run(dataset), dataset))
         if reporting:
-            report_dataset(catalog, dataset.pid, lifecycle)
+            update_dataset(catalog, dataset.pid, lifecycle)
         results.append(result)
     return results
 
@@ -93,7 +92,7 @@ def _finish(
 ) -> State[Any]:
     status = job_status(sum(r.ok for r in results), sum(not r.ok for r in results))
     if is_configured(catalog):
-        report_job(catalog, job_id, status, job_result_object(results))
+        update_job(catalog, job_id, status, job_result_object(results))
     key = artifact_key(f"{kind}-job", job_id)
     create_markdown_artifact(
         markdown=job_summary(kind, job_id, status, results),
@@ -134,7 +133,9 @@ def report_job_failed(flow: FlowModel, flow_run: FlowRun, state: State[Any]) -> 
         return
     reason = f"{flow.name} run {flow_run.name} ended {state.name}: {state.message or ''}".strip()
     try:
-        update_job(catalog, job_id, JobStatus.FINISHED_UNSUCCESSFUL, {"result": [], "message": reason})
+        scicat_jobs.update_job(
+            catalog, job_id, JobStatus.FINISHED_UNSUCCESSFUL, {"result": [], "message": reason}
+        )
     except SkyvaultError as e:
         log.error("could not report job %s as %s: %s", job_id, JobStatus.FINISHED_UNSUCCESSFUL.value, e)
 

@@ -11,11 +11,10 @@ from prefect import flow
 from skyvault.config.settings import get_settings
 from skyvault.flows.seed import seed
 from skyvault.models import CogInfo, ItemRef, Product, ProductOutcome, SeedResult
-from skyvault.tasks.catalog import read_item
-from skyvault.tasks.catalog import register as register_task
-from skyvault.tasks.cog import preprocess as preprocess_task
+from skyvault.tasks.catalog import read_item, register_product
+from skyvault.tasks.cog import preprocess_product
 from skyvault.tasks.status import run_name
-from skyvault.tasks.tiles import reseed_extent
+from skyvault.tiles.seeding import reseed_extent
 
 
 @flow(name="preprocess", flow_run_name="preprocess/{product.collection}/{product.id}")
@@ -23,7 +22,7 @@ def preprocess(product: Product, replace: bool = False) -> CogInfo:
     """Convert one product's raster to a validated COG on the object store."""
     settings = get_settings()
     collection = settings.collection(product.collection)
-    return preprocess_task(product, collection, settings.store, settings.scratch_dir, replace=replace)
+    return preprocess_product(product, collection, settings.store, settings.scratch_dir, replace=replace)
 
 
 @flow(name="register", flow_run_name="register/{product.collection}/{product.id}")
@@ -31,7 +30,7 @@ def register(product: Product, cog: CogInfo) -> ItemRef:
     """Describe one COG as a STAC item and upsert it into the catalog."""
     settings = get_settings()
     collection = settings.collection(product.collection)
-    return register_task(product, cog, collection, settings.catalog, settings.store)
+    return register_product(product, cog, collection, settings.catalog, settings.store)
 
 
 @flow(name="process-product", flow_run_name="process-product/{product.collection}/{product.id}")

@@ -12,20 +12,20 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.futures import wait
 
+from skyvault.archive.lts import dataset_dir
 from skyvault.config.settings import get_settings
 from skyvault.errors import MissingFilesError
 from skyvault.flows.archive import artifact_key
 from skyvault.ids import check_id
 from skyvault.models import RetrieveResult
-from skyvault.tasks.lts import (
-    dataset_dir,
-    dataset_lock,
-    find_retrieved,
-    load_manifest,
-    publish,
-    upload_block,
-    verify_block,
+from skyvault.tasks.archive import (
+    publish_retrieval,
+    read_manifest,
+    retrieved_copy_ok,
+    upload_datablock,
+    verify_datablock,
 )
+from skyvault.tasks.locks import dataset_lock
 
 
 def _summary(result: RetrieveResult) -> str:
@@ -57,23 +57,23 @@ def retrieve(dataset_id: str) -> RetrieveResult:
     settings = get_settings()
     lts, store = settings.lts, settings.store
     with dataset_lock("retrieve", dataset_id):
-        manifest = load_manifest(lts, dataset_id)
+        manifest = read_manifest(lts, dataset_id)
         if manifest is None:
             raise MissingFilesError(
                 f"dataset {dataset_id!r} is not archived: no manifest in {dataset_dir(lts, dataset_id)}"
             )
-        present = [find_retrieved.submit(lts, store, dataset_id, b) for b in manifest.datablocks]
+        present = [retrieved_copy_ok.submit(lts, store, dataset_id, b) for b in manifest.datablocks]
         found = [f.result() for f in present]
         todo = [b for b, ok in zip(manifest.datablocks, found, strict=True) if not ok]
-        verified = [verify_block.submit(lts, dataset_id, b) for b in todo]
-        uploads = [upload_block.submit(lts, store, dataset_id, v, return_state=False) for v in verified]
+        verified = [verify_datablock.submit(lts, dataset_id, b) for b in todo]
+        uploads = [upload_datablock.submit(lts, store, dataset_id, v, return_state=False) for v in verified]
         wait(verified)
         wait(uploads)
         for v in verified:
             v.result()
         for u in uploads:
             u.result()
-        result = publish(lts, store, manifest, {b.name for b in todo})
+        result = publish_retrieval(lts, store, manifest, {b.name for b in todo})
     for block in result.datablocks:
         create_link_artifact(
             key=artifact_key("retrieval", dataset_id, block.name),

@@ -5,27 +5,14 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from skyvault.config.settings import CatalogSettings, StoreSettings, get_settings
+from skyvault.config.settings import get_settings
 from skyvault.models import BBox, SeedRequest, SeedResult
-from skyvault.tasks.catalog import open_catalog
-from skyvault.tasks.policy import TASK_POLICY
-from skyvault.tasks.tiles import combine_results, plan_seed, publish_tilejsons, tileset_seeder
-
-
-@task(name="find-items", tags=["object-store-read"], **TASK_POLICY)
-def find_items(
-    request: SeedRequest, catalog: CatalogSettings, store: StoreSettings
-) -> list[dict[str, object]]:
-    """The catalog items a seed request covers.
-
-    Not narrowed by ``request.item_ids``: every item of a layer is needed to render its mosaic;
-    :func:`plan_seed` narrows the tiles to the requested items.
-    """
-    backend = open_catalog(catalog, store)
-    return backend.search(request.collection, start=request.start, end=request.end, bbox=request.bbox)
+from skyvault.tasks.catalog import search_items
+from skyvault.tasks.tiles import tileset_seeder, write_tilejsons
+from skyvault.tiles.seeding import combine_results, plan_seed
 
 
 def _seed_run_name() -> str:
@@ -65,13 +52,17 @@ def seed(
         item_ids=tuple(item_ids) if item_ids else None,
         force=force,
     )
-    items = find_items(request, settings.catalog, settings.store)
+    items = search_items(
+        collection, settings.catalog, settings.store, start=request.start, end=request.end, bbox=request.bbox
+    )
+    # Not narrowed by item_ids: every item of a layer is needed to render its mosaic; plan_seed
+    # narrows the tiles to the requested items.
     chunks = plan_seed(items, request, config, previous=previous_items or ())
     seeder = tileset_seeder(config)
     futures = [seeder.submit(chunk, config, settings.store, force=force) for chunk in chunks]
     total = combine_results(collection, [f.result() for f in futures])
     if chunks:
-        publish_tilejsons(chunks, config, settings.store)
+        write_tilejsons(chunks, config, settings.store)
     create_markdown_artifact(
         key=f"seed-{collection}".lower().replace("_", "-").replace(".", "-"),
         markdown=(

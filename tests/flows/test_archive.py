@@ -14,6 +14,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 
+from skyvault.archive import lts as lts_module
 from skyvault.config.settings import Settings, StoreSettings
 from skyvault.errors import (
     InsufficientSpaceError,
@@ -23,8 +24,7 @@ from skyvault.errors import (
 )
 from skyvault.flows.archive import archive
 from skyvault.models import ArchiveResult, Datablock
-from skyvault.tasks import lts as lts_module
-from skyvault.tasks.storage import ObjectStore, open_store
+from skyvault.storage.store import ObjectStore, open_store
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from rasterio.transform import from_origin
 
+from skyvault.catalog.registration import open_catalog
 from skyvault.config.settings import Settings, StoreSettings
 from skyvault.flows.ingest import ingest
 from skyvault.models import IngestSummary
-from skyvault.tasks.catalog import open_catalog
-from skyvault.tasks.storage import open_store
+from skyvault.storage.store import open_store
 from tests.conftest import write_raster
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -20,16 +20,16 @@ from rasterio.io import MemoryFile
 from rio_cogeo.cogeo import cog_validate
 from shapely.geometry import shape
 
+from skyvault.catalog.registration import open_catalog
 from skyvault.config.provision import provision_tag_limits
 from skyvault.config.settings import Settings, StoreSettings
 from skyvault.flows.ingest import ingest
 from skyvault.models import IngestSummary, ProductOutcome
 from skyvault.samples import SIZE, UTM_ORIGIN, UTM_PIXEL, write_samples
-from skyvault.tasks.catalog import open_catalog
-from skyvault.tasks.stac import validate_item
+from skyvault.stac.item import validate_item
+from skyvault.storage.store import ObjectStore, open_store
 from skyvault.tasks.status import latest_states, run_name
-from skyvault.tasks.storage import ObjectStore, open_store
-from skyvault.tasks.tiles import time_key
+from skyvault.tiles.seeding import time_key
 from tests.conftest import write_raster
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -12,13 +12,13 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
 
+from skyvault.archive import lts as lts_tasks
 from skyvault.config.settings import Settings, StoreSettings
 from skyvault.flows.jobs import DATASET_ERRORS, archive_job, retrieve_job
 from skyvault.models import JobDatasetResult, PlannedDatablock
-from skyvault.tasks import lts as lts_tasks
-from skyvault.tasks.jobs import dataset_id_for_pid
-from skyvault.tasks.storage import ObjectStore, open_store
-from tests.tasks.test_jobs import API, PASSWORD, CatalogServer, catalog_server
+from skyvault.scicat.jobs import dataset_id_for_pid
+from skyvault.storage.store import ObjectStore, open_store
+from tests.scicat.test_jobs import API, PASSWORD, CatalogServer, catalog_server
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

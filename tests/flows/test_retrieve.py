@@ -18,7 +18,7 @@ from skyvault.errors import MissingFilesError, VerificationError
 from skyvault.flows.archive import archive
 from skyvault.flows.retrieve import retrieve
 from skyvault.models import RetrieveResult
-from skyvault.tasks.storage import open_store
+from skyvault.storage.store import open_store
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -18,7 +18,7 @@ from skyvault.flows.ingest import ingest
 from skyvault.flows.seed import seed
 from skyvault.models import SeedResult
 from skyvault.samples import write_samples
-from skyvault.tasks.storage import open_store
+from skyvault.storage.store import open_store
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -14,12 +14,12 @@ from rasterio.transform import from_origin
 from shapely.geometry import MultiPolygon, Point, shape
 
 from skyvault.checksum import sha256_file
+from skyvault.cog.convert import cog_key
 from skyvault.config.collections import CollectionConfig
 from skyvault.config.settings import StoreSettings
 from skyvault.errors import CatalogError, CogValidationError, MissingDatetimeError, RasterError
 from skyvault.models import CogInfo, Product
-from skyvault.tasks.cog import cog_key
-from skyvault.tasks.stac import (
+from skyvault.stac.item import (
     COG_MEDIA_TYPE,
     build_item,
     item_times,
@@ -27,7 +27,7 @@ from skyvault.tasks.stac import (
     sample_shape,
     validate_item,
 )
-from skyvault.tasks.storage import open_store
+from skyvault.storage.store import open_store
 from tests.conftest import write_raster
 
 COLLECTION = CollectionConfig(id="scenes", title="Test scenes", description="Scenes for tests")

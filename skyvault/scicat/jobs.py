@@ -41,7 +41,6 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from prefect import task
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
@@ -56,7 +55,6 @@ from skyvault.errors import (
 )
 from skyvault.ids import check_id
 from skyvault.models import ArchiveResult, JobDataset, JobDatasetResult, RetrieveResult
-from skyvault.tasks.policy import TASK_POLICY
 
 log = logging.getLogger(__name__)
 
@@ -557,20 +555,3 @@ def update_dataset(
         return
     _patch(settings, f"datasets/{_segment(pid)}", f"dataset {pid!r}", {"datasetlifecycle": fields}, sleep)
     log.info("data catalog: dataset %s -> %s", pid, fields)
-
-
-# --- Prefect tasks --------------------------------------------------------------------------------
-
-
-@task(name="report-job", task_run_name="report-job/{job_id}/{status}", tags=["data-catalog"], **TASK_POLICY)
-def report_job(
-    settings: DataCatalogSettings, job_id: str, status: JobStatus, result: dict[str, Any] | None = None
-) -> None:
-    """Send a job status to the data catalog (see :func:`update_job`)."""
-    update_job(settings, job_id, status, result)
-
-
-@task(name="report-dataset", task_run_name="report-dataset/{pid}", tags=["data-catalog"], **TASK_POLICY)
-def report_dataset(settings: DataCatalogSettings, pid: str, lifecycle: DatasetLifecycle) -> None:
-    """Send a dataset lifecycle update to the data catalog (see :func:`update_dataset`)."""
-    update_dataset(settings, pid, lifecycle)

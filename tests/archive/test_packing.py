@@ -10,10 +10,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from skyvault.config.settings import StoreSettings
-from skyvault.errors import DatasetError, InvalidIdentifierError, MissingFilesError, UnsafePathError
-from skyvault.models import DatasetFile
-from skyvault.tasks.packing import (
+from skyvault.archive.packing import (
     changed_files,
     check_member_path,
     dataset_source,
@@ -22,6 +19,9 @@ from skyvault.tasks.packing import (
     member_bytes,
     plan_datablocks,
 )
+from skyvault.config.settings import StoreSettings
+from skyvault.errors import DatasetError, InvalidIdentifierError, MissingFilesError, UnsafePathError
+from skyvault.models import DatasetFile
 
 
 def _file(path: str, size: int) -> DatasetFile:

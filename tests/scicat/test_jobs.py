@@ -26,8 +26,8 @@ from skyvault.errors import (
 )
 from skyvault.ids import check_id
 from skyvault.models import ArchiveResult, DatablockInfo, JobDataset, RetrievedBlock, RetrieveResult
-from skyvault.tasks import jobs
-from skyvault.tasks.jobs import DatasetLifecycle, JobStatus
+from skyvault.scicat import jobs
+from skyvault.scicat.jobs import DatasetLifecycle, JobStatus
 
 PASSWORD = "pw-Xq7!secret"
 TOKEN = "tok-9f8e7d6c5b4a"

@@ -17,12 +17,12 @@ import hashlib
 import os
 import shlex
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from prefect import task
 from pydantic import ValidationError
 
+from skyvault.archive.packing import open_file, padding, tar_header, tar_trailer
 from skyvault.checksum import sha256_stream
 from skyvault.config.settings import LtsSettings, StoreSettings
 from skyvault.errors import (
@@ -43,16 +43,13 @@ from skyvault.models import (
     RetrievedBlock,
     RetrieveResult,
 )
-from skyvault.tasks.packing import open_file, padding, tar_header, tar_trailer
-from skyvault.tasks.policy import TASK_POLICY
-from skyvault.tasks.storage import ObjectStore, open_store
+from skyvault.storage.store import ObjectStore, open_store
 
 CHUNK = 4 * 1024 * 1024
 MANIFEST = "manifest.json"
 PART = ".part"
 SCRIPT = "download.sh"
 SPACE_POLL_SECONDS = 10.0
-LOCK_LEASE_SECONDS = 300.0
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _ZEROS = bytes(512)
 
@@ -495,109 +492,3 @@ def publish_retrieval(
         script_url=objects.presigned_url(script_key, seconds),
         expires_at=expires_at,
     )
-
-
-# --- one run per dataset at a time ------------------------------------------------------------------
-
-
-def lock_name(kind: str, dataset_id: str) -> str:
-    """Name of the global concurrency limit that serialises ``kind`` runs of one dataset."""
-    return f"skyvault-{kind}:{check_id(dataset_id, 'dataset id')}"
-
-
-@contextlib.contextmanager
-def dataset_lock(kind: str, dataset_id: str, *, timeout_seconds: float | None = None) -> Iterator[None]:
-    """Hold the dataset's ``kind`` lock (a Prefect global concurrency limit of 1) while inside.
-
-    The limit is created on first use. A second run of the same kind and dataset waits here
-    until the first one leaves, on any worker that talks to the same Prefect server.
-
-    Raises:
-        TimeoutError: ``timeout_seconds`` passed before the lock was free.
-
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    name = lock_name(kind, dataset_id)
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-    with concurrency(
-        name, occupy=1, timeout_seconds=timeout_seconds, strict=True, lease_duration=LOCK_LEASE_SECONDS
-    ):
-        yield
-
-
-# --- Prefect tasks --------------------------------------------------------------------------------
-
-
-@task(name="check-lts-space", **TASK_POLICY)
-def check_space(lts: LtsSettings, dataset_id: str, needed: int) -> int:
-    """Fail clearly unless LTS has room for ``needed`` bytes plus the margin."""
-    return ensure_free_space(lts, dataset_id, needed)
-
-
-@task(name="remove-partial", tags=["lts-write"], **TASK_POLICY)
-def clean_partial(lts: LtsSettings, dataset_id: str) -> list[str]:
-    """Remove what an earlier, crashed archive run left on LTS (see :func:`remove_partial`)."""
-    return remove_partial(lts, dataset_id)
-
-
-@task(name="write-datablock", task_run_name="write/{block.name}", tags=["lts-write"], **TASK_POLICY)
-def write_block(
-    block: PlannedDatablock, source: DatasetSource, store: StoreSettings, lts: LtsSettings
-) -> Datablock:
-    """Write one datablock to LTS (see :func:`write_datablock`)."""
-    return write_datablock(block, source, store, lts)
-
-
-@task(name="verify-datablock", task_run_name="verify/{block.name}", tags=["lts-read"], **TASK_POLICY)
-def verify_block(lts: LtsSettings, dataset_id: str, block: Datablock) -> Datablock:
-    """Read one datablock back from LTS and check it (see :func:`verify_datablock`)."""
-    return verify_datablock(lts, dataset_id, block)
-
-
-@task(name="write-manifest", tags=["lts-write"], **TASK_POLICY)
-def save_manifest(lts: LtsSettings, manifest: Manifest) -> Path:
-    """Write the dataset's manifest, the last step of an archive (see :func:`write_manifest`)."""
-    return write_manifest(lts, manifest)
-
-
-@task(name="read-manifest", tags=["lts-read"], **TASK_POLICY)
-def load_manifest(lts: LtsSettings, dataset_id: str) -> Manifest | None:
-    """Read the dataset's manifest, None if it is not archived (see :func:`read_manifest`)."""
-    return read_manifest(lts, dataset_id)
-
-
-@task(
-    name="check-retrieved",
-    task_run_name="check-retrieved/{block.name}",
-    tags=["object-store-read"],
-    **TASK_POLICY,
-)
-def find_retrieved(lts: LtsSettings, store: StoreSettings, dataset_id: str, block: Datablock) -> bool:
-    """Whether a good copy of the datablock is already in the retrieval prefix."""
-    return retrieved_copy_ok(lts, store, dataset_id, block)
-
-
-@task(
-    name="upload-datablock",
-    task_run_name="upload/{block.name}",
-    tags=["lts-read", "object-store-write"],
-    **TASK_POLICY,
-)
-def upload_block(lts: LtsSettings, store: StoreSettings, dataset_id: str, block: Datablock) -> str:
-    """Copy a verified datablock from LTS to the retrieval prefix (see :func:`upload_datablock`)."""
-    return upload_datablock(lts, store, dataset_id, block)
-
-
-@task(name="publish-retrieval", tags=["object-store-write"], **TASK_POLICY)
-def publish(lts: LtsSettings, store: StoreSettings, manifest: Manifest, copied: set[str]) -> RetrieveResult:
-    """Presign the retrieved datablocks and store the download script (see :func:`publish_retrieval`)."""
-    return publish_retrieval(lts, store, manifest, copied)

@@ -10,10 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from skyvault.config.settings import LtsSettings, StoreSettings
-from skyvault.errors import DatasetError, InsufficientSpaceError, MissingFilesError, VerificationError
-from skyvault.models import Datablock, DatasetSource
-from skyvault.tasks.lts import (
+from skyvault.archive.lts import (
     build_manifest,
     download_script,
     ensure_free_space,
@@ -26,8 +23,11 @@ from skyvault.tasks.lts import (
     write_datablock,
     write_manifest,
 )
-from skyvault.tasks.packing import dataset_source, list_dataset, plan_datablocks
-from skyvault.tasks.storage import open_store
+from skyvault.archive.packing import dataset_source, list_dataset, plan_datablocks
+from skyvault.config.settings import LtsSettings, StoreSettings
+from skyvault.errors import DatasetError, InsufficientSpaceError, MissingFilesError, VerificationError
+from skyvault.models import Datablock, DatasetSource
+from skyvault.storage.store import open_store
 
 CONTENT = {
     "a/b/c/deep.bin": os.urandom(70_000),

@@ -19,15 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
-from prefect import task
-
 from skyvault.checksum import sha256_stream
 from skyvault.config.settings import StoreSettings
 from skyvault.errors import DatasetError, MissingFilesError, StorageError, UnsafePathError
 from skyvault.ids import check_id
 from skyvault.models import DatasetFile, DatasetSource, PlannedDatablock
-from skyvault.tasks.policy import TASK_POLICY
-from skyvault.tasks.storage import ObjectStore, check_prefix, open_store
+from skyvault.storage.store import ObjectStore, check_prefix, open_store
 
 BLOCKSIZE = tarfile.BLOCKSIZE
 RECORDSIZE = tarfile.RECORDSIZE
@@ -326,35 +323,3 @@ def delete_files(source: DatasetSource, files: list[DatasetFile], store: StoreSe
         with contextlib.suppress(OSError):
             folder.rmdir()
     return len(files)
-
-
-# --- Prefect tasks --------------------------------------------------------------------------------
-
-
-@task(name="list-dataset-files", tags=["object-store-read"], **TASK_POLICY)
-def list_files(source: DatasetSource, store: StoreSettings) -> list[DatasetFile]:
-    """List a dataset's files (an object-store listing or a folder walk)."""
-    return list_dataset(source, store)
-
-
-@task(name="plan-datablocks", **TASK_POLICY)
-def plan_blocks(dataset_id: str, files: list[DatasetFile], target_bytes: int) -> list[PlannedDatablock]:
-    """Plan the dataset's datablocks (see :func:`plan_datablocks`)."""
-    return plan_datablocks(dataset_id, files, target_bytes)
-
-
-@task(name="compare-landing", tags=["object-store-read"], **TASK_POLICY)
-def compare_landing(
-    source: DatasetSource,
-    files: list[DatasetFile],
-    store: StoreSettings,
-    expected: dict[str, tuple[int, str]],
-) -> list[str]:
-    """Landing files that differ from what is archived (see :func:`changed_files`)."""
-    return changed_files(source, files, store, expected)
-
-
-@task(name="delete-landing", tags=["object-store-write"], **TASK_POLICY)
-def delete_landing(source: DatasetSource, files: list[DatasetFile], store: StoreSettings) -> int:
-    """Delete the archived landing files (see :func:`delete_files`)."""
-    return delete_files(source, files, store)

@@ -23,8 +23,8 @@ from skyvault.config.collections import CollectionConfig, RenderConfig
 from skyvault.config.settings import StoreSettings
 from skyvault.errors import InvalidSeedRequestError, MissingDatetimeError, TilingError
 from skyvault.models import SeedChunk, SeedRequest, SeedResult
-from skyvault.tasks.storage import open_store
-from skyvault.tasks.tiles import (
+from skyvault.storage.store import open_store
+from skyvault.tiles.seeding import (
     TMS,
     combine_results,
     plan_seed,
@@ -600,7 +600,7 @@ def test_a_replaced_item_that_moved_in_time_clears_its_old_layer(
 
 def test_reseed_extent_covers_both_versions() -> None:
     from skyvault.models import ItemRef
-    from skyvault.tasks.tiles import reseed_extent
+    from skyvault.tiles.seeding import reseed_extent
 
     new = ItemRef(
         collection="rgb",

@@ -11,21 +11,21 @@ import boto3
 import pystac
 import pytest
 
-from skyvault.config.collections import CollectionConfig
-from skyvault.config.settings import CatalogSettings, StoreSettings
-from skyvault.errors import CatalogError
-from skyvault.models import Product
-from skyvault.tasks.catalog import (
-    StaticCatalog,
+from skyvault.catalog.registration import (
     find_existing_items,
     has_item,
     open_catalog,
     register_product,
 )
-from skyvault.tasks.cog import cog_key
-from skyvault.tasks.stac import validate_item
-from skyvault.tasks.storage import open_store
-from tests.tasks.test_stac import put_cog
+from skyvault.catalog.static import StaticCatalog
+from skyvault.cog.convert import cog_key
+from skyvault.config.collections import CollectionConfig
+from skyvault.config.settings import CatalogSettings, StoreSettings
+from skyvault.errors import CatalogError
+from skyvault.models import Product
+from skyvault.stac.item import validate_item
+from skyvault.storage.store import open_store
+from tests.stac.test_item import put_cog
 
 SCENES = CollectionConfig(
     id="scenes", title="Test scenes", description="Scenes for tests", license="CC-BY-4.0", keywords=["test"]

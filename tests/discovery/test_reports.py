@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from skyvault.errors import ReportError
-from skyvault.tasks.reports import (
+from skyvault.discovery.reports import (
     NS_BROWSE_REPORT,
     NS_BROWSE_REPORT_OLD,
     normalize_reference_system,
@@ -14,6 +13,7 @@ from skyvault.tasks.reports import (
     parse_newitem,
     parse_time,
 )
+from skyvault.errors import ReportError
 
 UTC = dt.UTC
 

@@ -8,7 +8,7 @@ import rasterio
 
 from skyvault.config.settings import StoreSettings
 from skyvault.errors import BucketNotFoundError, ObjectNotFoundError, StorageError
-from skyvault.tasks.storage import LocalStore, ObjectStore, S3Store, open_store
+from skyvault.storage.store import LocalStore, ObjectStore, S3Store, open_store
 
 
 @pytest.fixture(params=["local", "s3"])

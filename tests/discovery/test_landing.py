@@ -10,11 +10,11 @@ import pytest
 
 from skyvault.config.collections import CollectionConfig
 from skyvault.config.settings import StoreSettings
+from skyvault.discovery.landing import discover, products_from_report
 from skyvault.errors import ConfigError, ObjectNotFoundError, ReportError, UnknownCollectionError
 from skyvault.models import Discovery, Product
-from skyvault.tasks.discovery import discover, discover_products, products_from_report, read_report
-from skyvault.tasks.storage import ObjectStore, S3Store, open_store
-from tests.tasks.test_reports import BILLION_LAUGHS, EXTERNAL_ENTITY, FOOTPRINT, RECTIFIED, browse, report
+from skyvault.storage.store import ObjectStore, S3Store, open_store
+from tests.discovery.test_reports import BILLION_LAUGHS, EXTERNAL_ENTITY, FOOTPRINT, RECTIFIED, browse, report
 
 UTC = dt.UTC
 
@@ -441,16 +441,6 @@ def test_s3_discovery_beyond_1000_objects(s3_store_settings: StoreSettings) -> N
     assert found.products[0].sidecar_key == "landing/scenes/T01000.json"
     assert found.products[1].id == "T00000"
     assert found.products[-1].id == "T00999"
-
-
-def test_tasks_wrap_the_functions(local: StoreSettings) -> None:
-    put(
-        local, {"landing/scenes/a.tif": b"x", "landing/scenes/a.xml": report(browse("a.tif", identifier="A"))}
-    )
-    assert discover_products.tags == {"object-store-read"}
-    assert read_report.tags == {"object-store-read"}
-    assert discover_products.fn(local, collections()) == discover(local, collections())
-    assert read_report.fn(local, collections(), "landing/scenes/a.xml").products[0].id == "A"
 
 
 def test_duplicate_with_an_unchanged_product_is_still_caught_with_since(local: StoreSettings) -> None:

@@ -38,7 +38,7 @@ from skyvault.config.settings import StoreSettings
 from skyvault.errors import CatalogError, CogValidationError, MissingDatetimeError, RasterError
 from skyvault.items import utc
 from skyvault.models import CogInfo, Product
-from skyvault.tasks.storage import open_store
+from skyvault.storage.store import open_store
 
 log = logging.getLogger(__name__)
 

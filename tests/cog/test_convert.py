@@ -14,17 +14,16 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform as transform_coords
 from rio_cogeo.cogeo import cog_validate
 
+from skyvault.cog.convert import (
+    COG_MEDIA_TYPE,
+    SOURCE_SHA256_TAG,
+    cog_key,
+    preprocess_product,
+)
 from skyvault.config.collections import CogProfile, CollectionConfig
 from skyvault.config.settings import StoreSettings
 from skyvault.errors import InvalidIdentifierError, RasterError
 from skyvault.models import CogInfo, Product
-from skyvault.tasks.cog import (
-    COG_MEDIA_TYPE,
-    SOURCE_SHA256_TAG,
-    cog_key,
-    preprocess,
-    preprocess_product,
-)
 from tests.conftest import write_raster
 
 SMALL_TILES = CogProfile(blocksize=64)
@@ -133,11 +132,6 @@ def test_bigtiff_cog_records_the_source_checksum(rgb_4326: Path, store: StoreSet
     assert_valid_cog(out)
     with rasterio.open(out) as cog:
         assert cog.tags()[SOURCE_SHA256_TAG] == sha256(rgb_4326)
-
-
-def test_preprocess_task_carries_the_object_store_tags() -> None:
-    assert preprocess.name == "preprocess"
-    assert {"object-store-read", "object-store-write"} <= set(preprocess.tags)
 
 
 def test_reprojection_to_web_mercator_keeps_values_in_place(

@@ -1,0 +1,133 @@
+"""The catalog backend interface and the helpers every backend shares."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import pystac
+
+from skyvault.config.collections import CollectionConfig
+from skyvault.errors import (
+    MissingDatetimeError,
+)
+from skyvault.items import bbox_parts, item_interval, parse_time, utc
+from skyvault.models import BBox, ItemRef
+
+JSON_TYPE = "application/json"
+GEOJSON_TYPE = "application/geo+json"
+LINK_BBOX = "skyvault:bbox"
+LINK_INTERVAL = "skyvault:interval"
+STRUCTURAL_RELS = frozenset({"self", "root", "parent", "collection"})
+WORLD_BBOX: list[float] = [-180.0, -90.0, 180.0, 90.0]
+
+
+class CatalogBackend(Protocol):
+    """What skyvault needs from a STAC catalog.
+
+    Implementations take their settings in ``__init__`` and are built by :func:`open_catalog`.
+    Items are STAC Item dicts as made by :func:`skyvault.stac.item.build_item`; an item's
+    ``properties["skyvault:cog_key"]`` names its COG. Store or network failures are raised as
+    :class:`CatalogError` (:class:`TransientCatalogError` when a retry may help) naming the
+    collection or item. Every method is safe to call again with the same arguments.
+    """
+
+    def ensure_collection(self, collection: CollectionConfig) -> None:
+        """Create the collection if missing (title, description, license, keywords from config)."""
+        ...
+
+    def get_item(self, collection_id: str, item_id: str) -> dict[str, Any] | None:
+        """The stored item with absolute hrefs, or None if the collection or item is missing."""
+        ...
+
+    def existing_ids(self, collection_id: str, item_ids: Iterable[str]) -> set[str]:
+        """Which of ``item_ids`` are in the collection (one cheap query, no item bodies)."""
+        ...
+
+    def upsert_items(self, collection: CollectionConfig, items: list[dict[str, Any]]) -> list[ItemRef]:
+        """Insert or replace ``items`` in one batch; ensure the collection; keep its extents current.
+
+        Duplicate ids in a batch: the last one wins. Re-upserting an unchanged item changes
+        nothing and reports ``created=False``. Returns one ref per distinct id, in input order.
+        """
+        ...
+
+    def delete_item(self, collection_id: str, item_id: str) -> bool:
+        """Remove an item; True if it was there. The collection's extents follow."""
+        ...
+
+    def search(
+        self,
+        collection_id: str,
+        *,
+        start: dt.datetime | None = None,
+        end: dt.datetime | None = None,
+        bbox: Sequence[float] | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Items whose time interval overlaps ``[start, end]``, whose bbox meets ``bbox``, among ``ids``.
+
+        Open ends are unbounded; naive datetimes are UTC; a bbox with ``west > east`` crosses the
+        antimeridian. An unknown collection has no items.
+        """
+        ...
+
+
+# --- helpers shared by backends -------------------------------------------------------------------
+
+
+def iso_time(value: dt.datetime) -> str:
+    text: str = pystac.utils.datetime_to_str(utc(value))
+    return text
+
+
+def readable_interval(item: dict[str, Any]) -> tuple[dt.datetime, dt.datetime] | None:
+    """The item's readable time interval (see :func:`item_interval`), or None if it has none."""
+    try:
+        return item_interval(item, strict=False)
+    except MissingDatetimeError:
+        return None
+
+
+def bboxes_intersect(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two lon/lat bboxes meet (edges included), antimeridian-aware."""
+    return any(
+        pa[0] <= pb[2] and pb[0] <= pa[2] and pa[1] <= pb[3] and pb[1] <= pa[3]
+        for pa in bbox_parts(a)
+        for pb in bbox_parts(b)
+    )
+
+
+def union_bbox(bboxes: Iterable[Sequence[float]]) -> list[float] | None:
+    """The bbox covering every bbox given (antimeridian crossers count as both halves)."""
+    parts = [p for b in bboxes for p in bbox_parts(b)]
+    if not parts:
+        return None
+    return [
+        min(p[0] for p in parts),
+        min(p[1] for p in parts),
+        max(p[2] for p in parts),
+        max(p[3] for p in parts),
+    ]
+
+
+def item_ref(item: dict[str, Any], href: str, created: bool) -> ItemRef:
+    """The :class:`ItemRef` of a stored item."""
+    props = item.get("properties", {})
+    raw = item.get("bbox") or WORLD_BBOX
+    bbox: BBox = (
+        (float(raw[0]), float(raw[1]), float(raw[3]), float(raw[4]))
+        if len(raw) == 6
+        else (float(raw[0]), float(raw[1]), float(raw[2]), float(raw[3]))
+    )
+    return ItemRef(
+        collection=str(item.get("collection")),
+        item_id=str(item.get("id")),
+        href=href,
+        datetime=parse_time(props.get("datetime")),
+        start_datetime=parse_time(props.get("start_datetime")),
+        end_datetime=parse_time(props.get("end_datetime")),
+        bbox=bbox,
+        created=created,
+    )

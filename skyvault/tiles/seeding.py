@@ -1,0 +1,591 @@
+"""The tile cache: plan, render and publish WebMercatorQuad tiles of a collection's COGs.
+
+Items (STAC item dicts) that share a time key form one *layer*; a layer's tiles are a mosaic of
+all its items (first valid pixel wins), so two products of one time never blank each other out.
+Keys: ``tiles/<collection>/WebMercatorQuad/<time-key>/<z>/<x>/<y>.<png|webp>`` plus a TileJSON
+per layer at ``tiles/<collection>/WebMercatorQuad/<time-key>/tilejson.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import morecantile
+import numpy as np
+import rasterio
+import shapely
+from rasterio.errors import RasterioError
+from rio_tiler.colormap import cmap
+from rio_tiler.errors import EmptyMosaicError, NoOverviewWarning, RioTilerError, TileOutsideBounds
+from rio_tiler.io import Reader
+from rio_tiler.models import ImageData
+from rio_tiler.mosaic import mosaic_reader
+from rio_tiler.reader import Options
+from shapely.geometry import Polygon, box, shape
+from shapely.geometry.base import BaseGeometry
+
+from skyvault.catalog.backend import union_bbox
+from skyvault.config.collections import CollectionConfig
+from skyvault.config.settings import StoreSettings
+from skyvault.errors import (
+    ConfigError,
+    InvalidSeedRequestError,
+    ObjectNotFoundError,
+    TilingError,
+)
+from skyvault.items import bbox_parts, interval_overlaps, item_interval
+from skyvault.models import BBox, ItemRef, SeedChunk, SeedRequest, SeedResult
+from skyvault.storage.store import ObjectStore, open_store
+
+TMS_ID = "WebMercatorQuad"
+TMS = morecantile.tms.get(TMS_ID)
+COG_KEY_PROPERTY = "skyvault:cog_key"
+
+_LAT_LIMIT = 85.0511287798066
+_EAST_SHIFT = np.array([360.0, 0.0])
+_WORLD = box(-180.0, -_LAT_LIMIT, 180.0, _LAT_LIMIT)
+_CONTENT_TYPES = {"png": "image/png", "webp": "image/webp"}
+_RESAMPLING = {"cubicspline": "cubic_spline"}
+
+Tile = tuple[int, int, int]
+
+
+# --- keys -----------------------------------------------------------------------------------------
+
+
+def layer_prefix(collection_id: str, layer: str) -> str:
+    """``tiles/<collection>/WebMercatorQuad/<time-key>``."""
+    return f"tiles/{collection_id}/{TMS_ID}/{layer}"
+
+
+def tile_key(collection_id: str, layer: str, tile: Tile, fmt: str = "png") -> str:
+    """The object key of tile ``(z, x, y)`` of a layer."""
+    z, x, y = tile
+    return f"{layer_prefix(collection_id, layer)}/{z}/{x}/{y}.{fmt}"
+
+
+def tilejson_key(collection_id: str, layer: str) -> str:
+    """The object key of a layer's TileJSON document."""
+    return f"{layer_prefix(collection_id, layer)}/tilejson.json"
+
+
+# --- time -----------------------------------------------------------------------------------------
+
+
+def _item_id(item: dict[str, Any]) -> str:
+    return str(item.get("id", "<no id>"))
+
+
+def _stamp(value: dt.datetime) -> str:
+    frac = f".{value.microsecond:06d}" if value.microsecond else ""
+    return value.strftime("%Y%m%dT%H%M%S") + frac + "Z"
+
+
+def time_key(item: dict[str, Any]) -> str:
+    """A filesystem-safe, deterministic key of the item's time, in UTC.
+
+    ``20260101T000000Z`` for an instant, ``20260101T000000Z--20260101T010000Z`` for a range.
+    Items with the same key form one layer of the tile cache.
+    """
+    start, end = item_interval(item)
+    return _stamp(start) if start == end else f"{_stamp(start)}--{_stamp(end)}"
+
+
+# --- geometry -------------------------------------------------------------------------------------
+
+
+def _polygons(geom: BaseGeometry) -> list[Polygon]:
+    if isinstance(geom, Polygon):
+        return [geom] if not geom.is_empty else []
+    if hasattr(geom, "geoms"):
+        return [p for g in geom.geoms for p in _polygons(g)]
+    return []
+
+
+def _unwrap(poly: Polygon) -> list[Polygon]:
+    """Split a polygon drawn across the antimeridian without being cut (e.g. 170..-170)."""
+    shifted = shapely.transform(poly, lambda c: np.where(c[:, :1] < 0, c + _EAST_SHIFT, c))
+    east = shifted.intersection(box(-180.0, -90.0, 180.0, 90.0))
+    west = shapely.affinity.translate(shifted.intersection(box(180.0, -90.0, 540.0, 90.0)), xoff=-360.0)
+    return _polygons(east) + _polygons(west)
+
+
+def footprint_parts(item: dict[str, Any]) -> list[Polygon]:
+    """The item's lon/lat footprint as polygons, split at the antimeridian, clipped to the TMS.
+
+    Uses the GeoJSON geometry when present, else the bbox. A geometry part wider than 180° on an
+    item whose bbox crosses the antimeridian is taken as drawn across it and split at ±180.
+
+    Raises:
+        TilingError: the item has neither a usable geometry nor a bbox.
+
+    """
+    bbox: Sequence[float] | None = item.get("bbox")
+    crosses = bbox is not None and len(bbox) in (4, 6) and float(bbox[0]) > float(bbox[len(bbox) // 2])
+    try:
+        if item.get("geometry"):
+            parts = _polygons(shapely.make_valid(shape(item["geometry"])))
+        elif bbox:
+            parts = [box(*p) for p in bbox_parts(bbox)]
+        else:
+            raise TilingError(f"item {_item_id(item)!r} has no geometry and no bbox")
+    except (ValueError, TypeError, AttributeError, shapely.errors.ShapelyError) as e:
+        raise TilingError(f"item {_item_id(item)!r} has an unreadable geometry: {e}") from e
+    out: list[Polygon] = []
+    for part in parts:
+        minx, _, maxx, _ = part.bounds
+        pieces = _unwrap(part) if crosses and maxx - minx > 180.0 else [part]
+        for piece in pieces:
+            out.extend(_polygons(piece.intersection(_WORLD)))
+    return out
+
+
+def _tile_boxes(tiles: Sequence[Tile]) -> np.ndarray:
+    bounds = [TMS.bounds(morecantile.Tile(x, y, z)) for z, x, y in tiles]
+    return np.asarray(shapely.box(*np.asarray(bounds, dtype="float64").T))
+
+
+def _overlaps(geom: BaseGeometry, boxes: np.ndarray) -> np.ndarray:
+    """Which boxes share area with ``geom`` (touching along an edge does not count)."""
+    shapely.prepare(geom)
+    hit: np.ndarray = shapely.intersects(geom, boxes)
+    if hit.any():
+        hit[hit] &= ~shapely.touches(geom, boxes[hit])
+    return hit
+
+
+def tiles_for_geometry(geom: BaseGeometry, zoom: int) -> list[Tile]:
+    """The WebMercatorQuad tiles of ``zoom`` that share area with a lon/lat geometry.
+
+    The geometry must not cross the antimeridian (split it first, see :func:`footprint_parts`).
+    """
+    geom = geom.intersection(_WORLD)
+    if geom.is_empty:
+        return []
+    minx, miny, maxx, maxy = geom.bounds
+    last = TMS.matrix(zoom).matrixWidth - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", morecantile.errors.PointOutsideTMSBounds)
+        ul = TMS.tile(minx, maxy, zoom)
+        lr = TMS.tile(maxx, miny, zoom)
+    x0, x1 = max(0, min(ul.x, last)), max(0, min(lr.x, last))
+    y0, y1 = max(0, min(ul.y, last)), max(0, min(lr.y, last))
+    cols = [TMS.bounds(morecantile.Tile(x, y0, zoom)) for x in range(x0, x1 + 1)]
+    rows = [TMS.bounds(morecantile.Tile(x0, y, zoom)) for y in range(y0, y1 + 1)]
+    grid_x, grid_y = np.meshgrid(np.arange(len(cols)), np.arange(len(rows)), indexing="ij")
+    gx, gy = grid_x.ravel(), grid_y.ravel()
+    left = np.array([c.left for c in cols])[gx]
+    right = np.array([c.right for c in cols])[gx]
+    bottom = np.array([r.bottom for r in rows])[gy]
+    top = np.array([r.top for r in rows])[gy]
+    hit = _overlaps(geom, np.asarray(shapely.box(left, bottom, right, top)))
+    return [(zoom, x0 + int(i), y0 + int(j)) for i, j in zip(gx[hit], gy[hit], strict=True)]
+
+
+# --- planning -------------------------------------------------------------------------------------
+
+
+def _cog_key(item: dict[str, Any], collection_id: str) -> str:
+    key = item.get("properties", {}).get(COG_KEY_PROPERTY)
+    if not key or not isinstance(key, str):
+        raise TilingError(
+            f"item {_item_id(item)!r} of collection {collection_id!r} has no {COG_KEY_PROPERTY!r} property"
+        )
+    return key
+
+
+def zoom_range(request: SeedRequest, collection: CollectionConfig) -> tuple[int, int]:
+    """The request's zoom range, defaulting to the collection's.
+
+    Raises:
+        InvalidSeedRequestError: the range is empty or outside 0..24.
+
+    """
+    lo = collection.min_zoom if request.min_zoom is None else request.min_zoom
+    hi = collection.max_zoom if request.max_zoom is None else request.max_zoom
+    if not 0 <= lo <= hi <= 24:
+        raise InvalidSeedRequestError(f"seed request for {collection.id!r}: bad zoom range {lo}..{hi}")
+    return lo, hi
+
+
+def _selected(item: dict[str, Any], request: SeedRequest) -> bool:
+    if request.item_ids is not None and item.get("id") not in request.item_ids:
+        return False
+    return interval_overlaps(item_interval(item), request.start, request.end)
+
+
+def _union_bounds(parts: Iterable[BaseGeometry]) -> BBox | None:
+    bounds = [p.bounds for p in parts if not p.is_empty]
+    if not bounds:
+        return None
+    b = np.asarray(bounds)
+    return (float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max()))
+
+
+def plan_seed(
+    items: list[dict[str, Any]],
+    request: SeedRequest,
+    collection: CollectionConfig,
+    chunk_size: int = 256,
+    *,
+    previous: Sequence[dict[str, Any]] = (),
+) -> list[SeedChunk]:
+    """Plan the tiles to render for a seed request, grouped by layer and chunked.
+
+    Items matching the request (time overlap, ``item_ids``) choose the tiles: those sharing area
+    with their footprint, within the request bbox, for every zoom of the range. Every item of
+    ``items`` with the same time key joins the mosaic of the tiles it touches, so pass all items
+    of the interval (a catalog search) even when ``item_ids`` narrows what is re-rendered.
+    ``previous`` are the former versions of replaced items: their footprints add tiles to their
+    layer (so a forced re-seed re-renders or deletes what only the old extent covered) but they
+    take no part in any mosaic.
+
+    Raises:
+        InvalidSeedRequestError: the request names another collection, a bad zoom range or
+            chunk size, or an item of another collection.
+        TilingError: an item has no COG key or no footprint.
+        MissingDatetimeError: an item has no usable time.
+
+    """
+    if request.collection != collection.id:
+        raise InvalidSeedRequestError(
+            f"seed request for collection {request.collection!r} planned with collection {collection.id!r}"
+        )
+    if chunk_size < 1:
+        raise InvalidSeedRequestError(f"seed request for {collection.id!r}: chunk_size must be >= 1")
+    lo, hi = zoom_range(request, collection)
+    area = [box(*p) for p in bbox_parts(request.bbox)] if request.bbox is not None else [_WORLD]
+
+    layers: dict[str, list[tuple[dict[str, Any], list[Polygon]]]] = defaultdict(list)
+    for item in items:
+        if item.get("collection", collection.id) != collection.id:
+            raise InvalidSeedRequestError(
+                f"item {_item_id(item)!r} belongs to {item.get('collection')!r}, not {collection.id!r}"
+            )
+        _cog_key(item, collection.id)
+        layers[time_key(item)].append((item, footprint_parts(item)))
+    former: dict[str, list[Polygon]] = defaultdict(list)
+    for item in previous:
+        former[time_key(item)].extend(footprint_parts(item))
+
+    chunks: list[SeedChunk] = []
+    for layer in sorted(set(layers) | set(former)):
+        members = sorted(layers[layer], key=lambda m: (_item_id(m[0]), _cog_key(m[0], collection.id)))
+        regions: list[BaseGeometry] = [p.intersection(a) for p in former[layer] for a in area]
+        for item, parts in members:
+            if _selected(item, request):
+                regions.extend(p.intersection(a) for p in parts for a in area)
+        regions = [r for r in regions if not r.is_empty and r.area > 0]
+        tiles: set[Tile] = set()
+        for region in regions:
+            for zoom in range(lo, hi + 1):
+                tiles.update(tiles_for_geometry(region, zoom))
+        bounds = _union_bounds(regions)
+        if not tiles or bounds is None:
+            continue
+        ordered = sorted(tiles)
+        groups = [ordered[i : i + chunk_size] for i in range(0, len(ordered), chunk_size)]
+        for index, group in enumerate(groups):
+            boxes = _tile_boxes(group)
+            keys: list[str] = []
+            for item, parts in members:
+                key = _cog_key(item, collection.id)
+                if key not in keys and any(_overlaps(part, boxes).any() for part in parts):
+                    keys.append(key)
+            chunks.append(
+                SeedChunk(
+                    collection=collection.id,
+                    time_key=layer,
+                    cog_keys=tuple(keys),
+                    tiles=tuple(group),
+                    bounds=bounds,
+                    min_zoom=lo,
+                    max_zoom=hi,
+                    index=index,
+                    total=len(groups),
+                )
+            )
+    return chunks
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+
+class _Readers:
+    """rio-tiler readers of a chunk's COGs, each opened once, on first use, closed together."""
+
+    def __init__(self, store: ObjectStore, collection: CollectionConfig) -> None:
+        self._store = store
+        self._collection = collection
+        self._open: dict[str, Reader] = {}
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> _Readers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def get(self, key: str) -> Reader:
+        reader = self._open.get(key)
+        if reader is None:
+            options: Options = {}
+            if self._collection.nodata is not None:
+                options["nodata"] = self._collection.nodata
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NoOverviewWarning)
+                reader = self._stack.enter_context(Reader(self._store.gdal_path(key), options=options))
+            self._open[key] = reader
+        return reader
+
+
+def _colormap(collection: CollectionConfig) -> Any:
+    name = collection.render.colormap
+    if not name:
+        return None
+    try:
+        return cmap.get(name)
+    except RioTilerError as e:
+        raise ConfigError(f"collection {collection.id!r}: unknown colormap {name!r}") from e
+
+
+def _resampling(collection: CollectionConfig) -> str:
+    name = "nearest" if collection.cog.categorical else collection.cog.warp_resampling
+    return _RESAMPLING.get(name, name)
+
+
+def _existing(store: ObjectStore, chunk: SeedChunk, fmt: str) -> set[str]:
+    """Keys of the chunk's tiles already in the store (one listing per tile column)."""
+    found: set[str] = set()
+    for z, x in sorted({(z, x) for z, x, _ in chunk.tiles}):
+        prefix = f"{layer_prefix(chunk.collection, chunk.time_key)}/{z}/{x}/"
+        found.update(o.key for o in store.list(prefix) if o.key.endswith("." + fmt))
+    return found
+
+
+def _render_tile(
+    readers: _Readers,
+    chunk: SeedChunk,
+    collection: CollectionConfig,
+    tile: Tile,
+    colormap: Any,
+) -> bytes | None:
+    """The encoded tile, or None when no source pixel falls in it."""
+    z, x, y = tile
+    render = collection.render
+    resampling = _resampling(collection)
+
+    def read(key: str, tx: int, ty: int, tz: int) -> ImageData:
+        try:
+            return readers.get(key).tile(
+                tx,
+                ty,
+                tz,
+                tilesize=render.tile_size,
+                indexes=render.bands,
+                resampling_method=resampling,
+                reproject_method=resampling,
+            )
+        except TileOutsideBounds:
+            raise
+        except (RasterioError, RioTilerError, ValueError, OSError) as e:
+            raise TilingError(
+                f"collection {collection.id!r}: cannot render tile {tz}/{tx}/{ty} from COG {key!r}: {e}"
+            ) from e
+
+    if not chunk.cog_keys:
+        return None
+    try:
+        img, _ = mosaic_reader(list(chunk.cog_keys), read, x, y, z, threads=1)
+    except EmptyMosaicError:
+        return None
+    if np.ma.getmaskarray(img.array).all():
+        return None
+    try:
+        if render.rescale:
+            img.rescale(in_range=render.rescale)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return bytes(img.render(img_format=render.format.upper(), colormap=colormap, add_mask=True))
+    except (RasterioError, RioTilerError, ValueError) as e:
+        raise TilingError(
+            f"collection {collection.id!r}: cannot encode tile {z}/{x}/{y} of COGs "
+            f"{', '.join(chunk.cog_keys)}: {e}"
+        ) from e
+
+
+def render_chunk(
+    chunk: SeedChunk,
+    collection: CollectionConfig,
+    store: StoreSettings,
+    *,
+    force: bool = False,
+) -> SeedResult:
+    """Render and write a chunk's tiles; skip existing tiles unless ``force``.
+
+    Each tile is the first-valid mosaic of the chunk's COGs, transparent where no source has
+    data. Tiles without any valid pixel are not written (with ``force``, a stale one is deleted).
+
+    Raises:
+        TilingError: a COG cannot be opened or a tile cannot be rendered (names collection, tile
+            and COG).
+        ConfigError: the collection's colormap is unknown.
+        StorageError: a tile cannot be written.
+
+    """
+    if chunk.collection != collection.id:
+        raise InvalidSeedRequestError(
+            f"chunk of collection {chunk.collection!r} rendered with collection {collection.id!r}"
+        )
+    fmt = collection.render.format
+    colormap = _colormap(collection)
+    objects = open_store(store)
+    existing = _existing(objects, chunk, fmt)
+    written = skipped = empty = 0
+    with rasterio.Env(**objects.gdal_env()), _Readers(objects, collection) as readers:
+        for tile in chunk.tiles:
+            key = tile_key(collection.id, chunk.time_key, tile, fmt)
+            if key in existing and not force:
+                skipped += 1
+                continue
+            data = _render_tile(readers, chunk, collection, tile, colormap)
+            if data is None:
+                empty += 1
+                if key in existing:
+                    objects.delete(key)
+                continue
+            objects.put_bytes(key, data, _CONTENT_TYPES[fmt])
+            written += 1
+    return SeedResult(
+        collection=collection.id,
+        written=written,
+        skipped=skipped,
+        empty=empty,
+        layers=(chunk.time_key,),
+    )
+
+
+def reseed_extent(
+    item: ItemRef, previous: dict[str, Any] | None
+) -> tuple[dt.datetime | None, dt.datetime | None, BBox]:
+    """Time interval and lon/lat bbox to re-seed after ``item`` was written over ``previous``.
+
+    Covers both versions, so the tiles of the old extent and of the old time's layer are
+    re-rendered too.
+    """
+    start = item.start_datetime or item.datetime
+    end = item.end_datetime or item.datetime
+    bboxes: list[Sequence[float]] = [item.bbox]
+    if previous is not None:
+        old_start, old_end = item_interval(previous)
+        start = min(start, old_start) if start else old_start
+        end = max(end, old_end) if end else old_end
+        if previous.get("bbox"):
+            bboxes.append(previous["bbox"])
+    w, s, e, n = union_bbox(bboxes) or item.bbox
+    return start, end, (w, s, e, n)
+
+
+def combine_results(collection_id: str, results: Iterable[SeedResult]) -> SeedResult:
+    """Sum the tile counts of several chunks' results."""
+    results = list(results)
+    return SeedResult(
+        collection=collection_id,
+        written=sum(r.written for r in results),
+        skipped=sum(r.skipped for r in results),
+        empty=sum(r.empty for r in results),
+        layers=tuple(sorted({layer for r in results for layer in r.layers})),
+    )
+
+
+# --- TileJSON -------------------------------------------------------------------------------------
+
+
+def _merge_bounds(a: BBox, b: Sequence[float]) -> BBox:
+    return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+
+
+def tilejson_document(
+    collection: CollectionConfig,
+    layer: str,
+    bounds: BBox,
+    min_zoom: int,
+    max_zoom: int,
+    existing: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A TileJSON 3.0.0 document for a layer, merged with ``existing`` (bounds and zooms widened).
+
+    The tile URL template is relative to the document (``{z}/{x}/{y}.png``); the centre's zoom is
+    the one at which the bounds span about one tile, within the zoom range.
+    """
+    if existing:
+        with contextlib.suppress(KeyError, TypeError, ValueError, IndexError):
+            old = existing["bounds"]
+            bounds = _merge_bounds(bounds, [float(v) for v in old[:4]])
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            min_zoom = min(min_zoom, int(existing["minzoom"]))
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            max_zoom = max(max_zoom, int(existing["maxzoom"]))
+    west, south, east, north = bounds
+    span = max(east - west, 1e-9)
+    center_zoom = max(min_zoom, min(max_zoom, math.floor(math.log2(360.0 / span))))
+    name = f"{collection.title or collection.id} {layer}"
+    return {
+        "tilejson": "3.0.0",
+        "name": name,
+        "description": collection.description or name,
+        "scheme": "xyz",
+        "tiles": [f"{{z}}/{{x}}/{{y}}.{collection.render.format}"],
+        "minzoom": min_zoom,
+        "maxzoom": max_zoom,
+        "bounds": [west, south, east, north],
+        "center": [(west + east) / 2, (south + north) / 2, center_zoom],
+    }
+
+
+def write_tilejson(
+    collection: CollectionConfig,
+    store: StoreSettings,
+    layer: str,
+    bounds: BBox,
+    min_zoom: int,
+    max_zoom: int,
+) -> str:
+    """Write (or widen) a layer's TileJSON; returns its key.
+
+    An existing document's bounds and zoom range are merged in, so seeding another part of a
+    layer keeps the document right. An unreadable existing document is replaced.
+    """
+    objects = open_store(store)
+    key = tilejson_key(collection.id, layer)
+    existing: dict[str, Any] | None = None
+    try:
+        loaded = json.loads(objects.get_bytes(key))
+        existing = loaded if isinstance(loaded, dict) else None
+    except ObjectNotFoundError:
+        existing = None
+    except (ValueError, UnicodeDecodeError):
+        existing = None
+    doc = tilejson_document(collection, layer, bounds, min_zoom, max_zoom, existing)
+    objects.put_bytes(key, json.dumps(doc, indent=2).encode(), "application/json")
+    return key
+
+
+def write_tilejsons(
+    chunks: Sequence[SeedChunk], collection: CollectionConfig, store: StoreSettings
+) -> list[str]:
+    """Write the TileJSON of every layer the chunks belong to; returns their keys."""
+    layers: dict[str, SeedChunk] = {}
+    for chunk in chunks:
+        layers.setdefault(chunk.time_key, chunk)
+    return [
+        write_tilejson(collection, store, layer, c.bounds, c.min_zoom, c.max_zoom)
+        for layer, c in sorted(layers.items())
+    ]
