@@ -6,6 +6,10 @@ Examples::
     skyvault seed s2-l2a --start 2026-06-01 --end 2026-06-30 --min-zoom 0 --max-zoom 8
     skyvault archive ds-0042 --source-dir /data/incoming/ds-0042
     skyvault retrieve ds-0042
+
+With ``PREFECT_API_URL`` set, the run goes to that Prefect server; otherwise each call starts a
+temporary local server for the run (about 20 s). Either way the command says which on stderr, and
+provisions the tag concurrency limits the flows rely on before it starts the flow.
 """
 
 from __future__ import annotations
@@ -13,10 +17,21 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
+
+from skyvault.errors import SkyvaultError
+
+#: How long a command waits for the temporary Prefect server it starts when ``PREFECT_API_URL`` is
+#: unset (at least; a larger ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` is kept). Its
+#: first start on a fresh ``PREFECT_HOME`` creates and migrates a database, which takes longer
+#: than Prefect's default of 20 s on a small or busy machine.
+EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 180
+
+TEMPORARY_SERVER = "a temporary local Prefect server (set PREFECT_API_URL to use yours)"
 
 
 def _bbox(text: str) -> tuple[float, float, float, float]:
@@ -71,10 +86,57 @@ def _flows() -> dict[str, Callable[..., Any]]:
     return {"ingest": ingest, "seed": seed, "archive": archive, "retrieve": retrieve}
 
 
+def _prefect_settings() -> dict[Any, Any]:
+    """Prefect settings for a command-line run, applied through Prefect's settings context."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    )
+
+    updates: dict[Any, Any] = {}
+    if PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value() < EPHEMERAL_STARTUP_TIMEOUT_SECONDS:
+        updates[PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS] = EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+    if not PREFECT_API_URL.value():
+        # a server that lives for one command has no use for usage reports, and on a fresh
+        # database their first write races the migrations and logs a "database is locked" error
+        updates[PREFECT_SERVER_ANALYTICS_ENABLED] = False
+    return updates
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one flow; print its result as JSON. Exit 1 when the run or any product in it failed."""
+    """Run one flow; print its result as JSON.
+
+    Returns the exit code: 0 when the run and every product in it succeeded, 1 when something in
+    it failed, 2 when it could not start (invalid settings, unreachable Prefect server).
+    """
     args = vars(_parser().parse_args(argv))
     name = args.pop("flow")
+
+    from prefect.settings import temporary_settings
+
+    with temporary_settings(updates=_prefect_settings()):
+        return _run(name, args)
+
+
+def _run(name: str, args: dict[str, Any]) -> int:
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    from skyvault.config.provision import provision_tag_limits
+    from skyvault.config.settings import get_settings
+
+    api_url = PREFECT_API_URL.value()
+    server = f"the Prefect server at {api_url}" if api_url else TEMPORARY_SERVER
+    print(f"skyvault: using {server}", file=sys.stderr)
+    try:
+        provision_tag_limits(get_settings())
+    except SkyvaultError as e:
+        print(f"skyvault: {e}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as e:
+        print(f"skyvault: cannot reach {server}: {e}", file=sys.stderr)
+        return 2
     state = _flows()[name](**args, return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseModel):

@@ -1,13 +1,21 @@
-"""Provision the Prefect server with what skyvault's flows expect: tag concurrency limits.
+"""Provision the Prefect server with the tag concurrency limits skyvault's tasks rely on.
 
-Tags without a limit are silently unlimited in Prefect, so every tag skyvault uses gets one here:
-``lts-read``, ``lts-write``, ``object-store-read``, ``object-store-write`` from
-``settings.concurrency.tag_limits`` and one ``tileset:<collection>`` per configured collection.
+Prefect treats a tag without a limit as unlimited, so every tag a skyvault task carries gets one
+here: the tags of ``settings.concurrency.tag_limits`` (``lts-read``, ``lts-write``,
+``object-store-read``, ``object-store-write``, ``catalog-write``, ``data-catalog``) and one
+``tileset:<collection>`` per configured collection. A tag limit is the global concurrency limit
+named ``tag:<tag>``. Provisioning is an upsert: a missing limit is created, one with another value
+or switched off is updated, and running it again changes nothing. The ``skyvault`` command runs it
+before every flow; run it once for a server that deployments use.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from skyvault.config.settings import Settings
 
@@ -15,6 +23,11 @@ from skyvault.config.settings import Settings
 def tileset_tag(collection_id: str) -> str:
     """The concurrency tag that keeps one seeder per tileset."""
     return f"tileset:{collection_id}"
+
+
+def limit_name(tag: str) -> str:
+    """The name of the global concurrency limit Prefect applies to task runs tagged ``tag``."""
+    return f"tag:{tag}"
 
 
 def tag_limits(settings: Settings) -> dict[str, int]:
@@ -25,10 +38,38 @@ def tag_limits(settings: Settings) -> dict[str, int]:
     return limits
 
 
-def provision_tag_limits(settings: Settings) -> dict[str, int]:
+@dataclass(frozen=True)
+class Provisioned:
+    """What provisioning did: the limits by tag, and which tags it created or changed."""
+
+    limits: dict[str, int]
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+
+
+def provision_tag_limits(settings: Settings) -> Provisioned:
     """Create or update the tag concurrency limits on the current Prefect API (an upsert)."""
     limits = tag_limits(settings)
+    created: list[str] = []
+    updated: list[str] = []
     with get_client(sync_client=True) as client:
         for tag, limit in sorted(limits.items()):
-            client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
-    return limits
+            name = limit_name(tag)
+            try:
+                existing = client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                try:
+                    client.create_global_concurrency_limit(
+                        GlobalConcurrencyLimitCreate(name=name, limit=limit, active=True)
+                    )
+                except ObjectAlreadyExists:  # another process created it since it was read
+                    existing = client.read_global_concurrency_limit_by_name(name)
+                else:
+                    created.append(tag)
+                    continue
+            if existing.limit != limit or not existing.active:
+                client.update_global_concurrency_limit(
+                    name, GlobalConcurrencyLimitUpdate(limit=limit, active=True)
+                )
+                updated.append(tag)
+    return Provisioned(limits=limits, created=created, updated=updated)
