@@ -31,3 +31,8 @@ TASK_POLICY: dict[str, Any] = {
     "cache_policy": NO_CACHE,
     "persist_result": False,
 }
+
+
+#: For tasks whose client already retries transient errors itself (the data-catalog client, whose
+#: status reports are also sent from flow hooks outside any task): one retry layer per boundary.
+CLIENT_RETRIED_POLICY: dict[str, Any] = {**TASK_POLICY, "retries": 0, "retry_delay_seconds": 0}

@@ -476,3 +476,11 @@ def test_outcomes_map_to_catalog_words_and_result_entries() -> None:
     assert "2 of 3 datasets failed" in message
     assert "missingFilesError" in message
     assert "scheduleArchiveJobFailed" in message
+
+
+def test_status_reports_are_retried_by_the_client_alone() -> None:
+    from skyvault.tasks.scicat import update_dataset, update_job
+
+    # the client retries transient failures itself; a task retry on top would multiply the attempts
+    assert update_job.retries == 0
+    assert update_dataset.retries == 0
