@@ -47,6 +47,20 @@ class TransientStorageError(StorageError, TransientError):
     """An object store call failed in a way that may succeed on retry."""
 
 
+class LinkOutsideStoreError(StorageError):
+    """A key of a local store is a link (or lies in a linked folder) that leads out of the store's root.
+
+    Such links are never followed: the message names the key and where it leads.
+    """
+
+
+class LockTimeoutError(SkyvaultError):
+    """A lock stayed held by another process for longer than the caller would wait.
+
+    The message names the lock's key and its holder.
+    """
+
+
 # --- products -----------------------------------------------------------------------------------
 
 
@@ -80,6 +94,25 @@ class ItemExistsError(CatalogError):
 
 class TilingError(ProductError):
     """Rendering or writing tiles failed."""
+
+
+class LimitExceededError(ProductError):
+    """A product's input is larger than a configured limit (``limits.*`` in the settings).
+
+    The message names the product or file, the limit and the setting that raises it.
+    """
+
+
+class ReportLimitError(ReportError, LimitExceededError):
+    """A browse report or JSON sidecar is larger or nested deeper than the configured limit."""
+
+
+class RasterLimitError(RasterError, LimitExceededError):
+    """A raster has more pixels per band or more bands than the configured limit."""
+
+
+class ScratchSpaceError(ProductError):
+    """The scratch folder has no room to convert a product; names the folder and the bytes needed."""
 
 
 # --- datasets, LTS and jobs ----------------------------------------------------------------------

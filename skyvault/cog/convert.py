@@ -6,6 +6,16 @@ metadata plus the source checksum; GDAL's COG driver converts it (reprojecting w
 asks for it) with the collection's profile. The result is validated strictly, checksummed and
 uploaded atomically to ``cogs/<collection>/<product-id>.tif``.
 
+Work beyond GDAL's conversion overlaps it or is small: the source is hashed in a thread while
+GDAL converts it; the COG is hashed in a thread while it is validated and stored; validation
+checks the rules of rio-cogeo's strict ``cog_validate`` from the TIFF header and IFDs, decoding
+no pixel.
+
+Before any pixel is read, the source must stay inside the store (no file GDAL opens for it, such
+as a VRT's sources or an overview sidecar, may lie outside) and within the configured limits
+(pixels per band, bands), and the scratch disk must have room for the estimated output; a full
+disk found later is still reported as such, naming the scratch folder and the bytes needed.
+
 The source checksum is stored in the COG as the GDAL metadata item ``SKYVAULT_SOURCE_SHA256``, next
 to a fingerprint of the collection settings (``SKYVAULT_COG_PROFILE``), so a re-run finds a COG made
 from the same bytes with the same settings and skips the work unless ``replace`` is requested.
@@ -22,32 +32,34 @@ import hashlib
 import json
 import math
 import secrets
-import shutil
 import struct
-import tempfile
 import threading
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
+import numpy as np
 import rasterio
 import rasterio.shutil
 from rasterio._err import CPLE_BaseError, CPLE_HttpResponseError
 from rasterio.crs import CRS
 from rasterio.dtypes import in_dtype_range
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
-from rio_cogeo.cogeo import cog_validate
+from rasterio.warp import calculate_default_transform
+from rasterio.windows import Window
 
-from skyvault.checksum import CHUNK, sha256_file
+from skyvault.checksum import sha256_file, sha256_stream
+from skyvault.cog.scratch import check_space, free_bytes, is_out_of_space, scratch_folder, space_error
 from skyvault.config.collections import CollectionConfig
-from skyvault.config.settings import StoreSettings
+from skyvault.config.settings import LimitSettings, StoreSettings
 from skyvault.errors import (
     CogValidationError,
     ConfigError,
     RasterError,
+    RasterLimitError,
     StorageError,
     TransientStorageError,
 )
@@ -78,6 +90,7 @@ def preprocess_product(
     scratch_dir: Path,
     *,
     replace: bool = False,
+    limits: LimitSettings | None = None,
 ) -> CogInfo:
     """Make (or find) the validated COG of one product and return what was stored.
 
@@ -85,9 +98,12 @@ def preprocess_product(
         product: the product; its ``source_key`` is read in place and never changed.
         collection: the product's collection (COG profile, target CRS, nodata, bands).
         store: the object store holding the source and receiving the COG.
-        scratch_dir: parent of the unique working folder, which is always removed afterwards.
+        scratch_dir: parent of the unique working folder, which is always removed afterwards
+            (folders left by killed conversions are removed by the next one).
         replace: rebuild even when the COG exists and was made from the same source bytes with the
             same collection settings.
+        limits: pixels and bands a source may have, and when leftover scratch folders are stale
+            (defaults: :class:`LimitSettings`).
 
     Returns:
         The COG's key, sha256 and size, the source's sha256, and ``created=False`` when an existing
@@ -96,12 +112,17 @@ def preprocess_product(
     Raises:
         RasterError: the source is missing, empty, unreadable, corrupt, lacks a CRS or a
             geotransform, or does not have the configured bands or a nodata value its type can hold.
+        RasterLimitError: the source (or its reprojection) has more pixels per band or more bands
+            than ``limits`` allow, or GDAL would read a file outside the store for it.
+        ScratchSpaceError: the scratch disk has no room for the conversion (names folder and bytes).
         CogValidationError: the produced file is not a valid COG.
         ConfigError: the product is not of this collection, or the collection's target CRS is invalid.
-        StorageError: reading the source or writing the COG failed (TransientStorageError if retryable).
+        StorageError: reading the source or writing the COG failed (TransientStorageError if retryable;
+            LinkOutsideStoreError if the source is a link out of a local store).
 
     """
     label = f"{product.collection}/{product.id}"
+    limits = limits or LimitSettings()
     if product.collection != collection.id:
         raise ConfigError(f"product {label} is not in collection {collection.id!r}")
     key = cog_key(collection.id, product.id)
@@ -123,11 +144,10 @@ def preprocess_product(
         if existing is not None and known is not None:
             (sha256, size), source_sha256, created = existing, known, False
         else:
-            with _scratch(scratch_dir, product) as work:
-                cog_path, source_sha256 = _make_cog(
-                    product, collection, objects, source, env, work, pool, known
+            with scratch_folder(scratch_dir, product.id, label, limits.stale_scratch_seconds) as work:
+                cog_path, source_sha256, cog_hash = _make_cog(
+                    product, collection, objects, source, env, work, pool, known, limits
                 )
-                cog_hash = pool.submit(sha256_file, cog_path)
                 objects.put_file(key, cog_path, content_type=COG_MEDIA_TYPE)
                 sha256, size = cog_hash.result()
             created = True
@@ -185,11 +205,13 @@ def _make_cog(
     work: Path,
     pool: ThreadPoolExecutor,
     source_sha256: str | None,
-) -> tuple[Path, str]:
+    limits: LimitSettings,
+) -> tuple[Path, str, Future[tuple[str, int]]]:
     """Convert, stamp and validate the COG in ``work``; hash the source meanwhile if not known yet.
 
     Returns:
-        The validated COG's path and the source's sha256.
+        The validated COG's path, the source's sha256 and the COG's ``(sha256, size)`` being
+        computed (it is hashed while it is validated and stored).
 
     """
     label = f"{product.collection}/{product.id}"
@@ -197,7 +219,7 @@ def _make_cog(
     source_hash = None if source_sha256 else pool.submit(_sha256_object, objects, source.key, cancel)
     placeholder = "pending-" + secrets.token_hex(28)
     try:
-        cog_path = _convert(product, collection, env, objects.gdal_path(source.key), work, placeholder)
+        cog_path = _convert(product, collection, objects, source, env, work, placeholder, limits)
     except BaseException:
         cancel.set()
         raise
@@ -206,8 +228,9 @@ def _make_cog(
     assert source_sha256 is not None
     _check_unchanged(objects, source, label)
     _set_source_sha256(cog_path, placeholder, source_sha256, label)
+    cog_hash = pool.submit(sha256_file, cog_path)
     _validate(cog_path, source_sha256, label, cog_key(collection.id, product.id))
-    return cog_path, source_sha256
+    return cog_path, source_sha256, cog_hash
 
 
 # --- GDAL environment and scratch ---------------------------------------------------------------
@@ -229,19 +252,6 @@ def _gdal(env: dict[str, Any]) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _scratch(scratch_dir: Path, product: Product) -> Iterator[Path]:
-    try:
-        scratch_dir.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f"cog-{product.id}-", dir=scratch_dir))
-    except OSError as e:
-        raise StorageError(f"cannot create a scratch folder in {scratch_dir}: {e}") from e
-    try:
-        yield work
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 # --- checksums ----------------------------------------------------------------------------------
 
 
@@ -251,15 +261,30 @@ class _HashCancelledError(Exception):
 
 def _sha256_object(objects: ObjectStore, key: str, cancel: threading.Event) -> tuple[str, int]:
     """Hex sha256 and size of an object, streamed; stops early once ``cancel`` is set."""
-    h = hashlib.sha256()
-    size = 0
     with objects.open_read(key) as stream:
-        while block := stream.read(CHUNK):
-            if cancel.is_set():
-                raise _HashCancelledError(key)
-            h.update(block)
-            size += len(block)
-    return h.hexdigest(), size
+        return sha256_stream(cast(IO[bytes], _Cancellable(stream, key, cancel)))
+
+
+class _Cancellable:
+    """A binary stream that raises :class:`_HashCancelledError` once ``cancel`` is set."""
+
+    def __init__(self, stream: IO[bytes], key: str, cancel: threading.Event) -> None:
+        self._stream, self._key, self._cancel = stream, key, cancel
+        if hasattr(stream, "readinto"):
+            self.readinto = self._readinto
+
+    def _check(self) -> None:
+        if self._cancel.is_set():
+            raise _HashCancelledError(self._key)
+
+    def read(self, size: int = -1) -> bytes:
+        self._check()
+        return self._stream.read(size)
+
+    def _readinto(self, buffer: memoryview) -> int:
+        self._check()
+        n: int = self._stream.readinto(buffer)  # type: ignore[attr-defined]
+        return n
 
 
 def _recorded_tags(objects: ObjectStore, key: str, env: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -298,28 +323,49 @@ def _check_unchanged(objects: ObjectStore, before: ObjectInfo, label: str) -> No
 def _convert(
     product: Product,
     collection: CollectionConfig,
+    objects: ObjectStore,
+    source: ObjectInfo,
     env: dict[str, Any],
-    source_path: str,
     work: Path,
     placeholder: str,
+    limits: LimitSettings,
 ) -> Path:
-    """Write the COG into ``work`` (with a placeholder source checksum) and return its path."""
+    """Write the COG into ``work`` (with a placeholder source checksum) and return its path.
+
+    The source is checked (files inside the store, limits, scratch space) before GDAL reads pixels.
+    """
     label = f"{product.collection}/{product.id}"
     where = f"product {label}: source {product.source_key!r}"
+    what = f"converting {product.source_key!r}"
     vrt_path = work / "source.vrt"
     cog_path = work / f"{product.id}.tif"
     options = collection.cog.creation_options()
+    needed = upper = source.size
     with _gdal(env):
         try:
-            with rasterio.open(source_path) as src:
+            with rasterio.open(objects.gdal_path(source.key)) as src:
+                _check_confined(objects, src, where)
                 _check_georeferencing(src, where)
+                _check_limits(src.width, src.height, src.count, limits, where)
                 target = _target_crs(collection, src.crs)
+                width, height = _output_size(src, target, limits, where)
+                needed, upper = _scratch_estimate(
+                    src, collection, width, height, source.size, options, target
+                )
+                check_space(work, needed, label, what)
                 rasterio.shutil.copy(src, vrt_path, driver="VRT")
         except CPLE_HttpResponseError as e:
             raise TransientStorageError(f"{where} could not be read: {e}") from e
         except _GDAL_ERRORS as e:
+            if is_out_of_space(e):
+                raise space_error(work, needed, label, what) from e
             raise RasterError(f"{where} is not a readable raster: {e}") from e
-        _edit_vrt(vrt_path, collection, where, placeholder)
+        try:
+            _edit_vrt(vrt_path, collection, where, placeholder)
+        except OSError as e:
+            if is_out_of_space(e):
+                raise space_error(work, needed, label, what) from e
+            raise StorageError(f"{where}: cannot write {vrt_path}: {e}") from e
         if target is not None:
             options["TARGET_SRS"] = target
             options["WARP_RESAMPLING"] = collection.cog.warp_resampling.upper()
@@ -328,8 +374,99 @@ def _convert(
         except CPLE_HttpResponseError as e:
             raise TransientStorageError(f"{where} could not be read: {e}") from e
         except _GDAL_ERRORS as e:
+            if is_out_of_space(e):
+                # The estimate was too low (the output compressed worse than the source): report
+                # the uncompressed size, which is what the conversion may need at most.
+                raise space_error(work, max(needed, upper), label, what) from e
             raise RasterError(f"{where} could not be converted to COG: {e}") from e
+        _check_written(cog_path, work, upper, label, what, where)
     return cog_path
+
+
+def _check_written(cog_path: Path, work: Path, upper: int, label: str, what: str, where: str) -> None:
+    """Read the COG's last tile back: GDAL may report a refused write only in its log.
+
+    Raises:
+        ScratchSpaceError: the file is incomplete and the scratch disk has less than ``upper`` free.
+        RasterError: the file is incomplete for another reason.
+
+    """
+    try:
+        with rasterio.open(cog_path) as ds:
+            (row, col), (height, width) = ds.block_shapes[0], (ds.height, ds.width)
+            last = Window(
+                (width - 1) // col * col, (height - 1) // row * row, min(col, width), min(row, height)
+            )
+            ds.read(window=last.intersection(Window(0, 0, width, height)))
+    except _GDAL_ERRORS as e:
+        if free_bytes(work) < upper:
+            raise space_error(work, upper, label, what) from e
+        raise RasterError(
+            f"{where} could not be converted to COG: the written file is incomplete: {e}"
+        ) from e
+
+
+def _check_confined(objects: ObjectStore, src: Any, where: str) -> None:
+    """Refuse a source for which GDAL opened files outside the store (VRT sources, sidecars)."""
+    outside = [f for f in src.files if not objects.holds_gdal_path(f)]
+    if outside:
+        raise RasterError(
+            f"{where} refers to files outside the store ({', '.join(sorted(outside))}); "
+            "only objects of the store are read"
+        )
+
+
+def _check_limits(width: int, height: int, count: int, limits: LimitSettings, where: str) -> None:
+    pixels = width * height
+    if pixels > limits.max_pixels:
+        raise RasterLimitError(
+            f"{where} is {width} x {height} = {pixels} pixels per band, more than the limit "
+            f"limits.max_pixels = {limits.max_pixels}; raise it (SKYVAULT_LIMITS__MAX_PIXELS) if "
+            "such rasters are expected"
+        )
+    if count > limits.max_bands:
+        raise RasterLimitError(
+            f"{where} has {count} bands, more than the limit limits.max_bands = {limits.max_bands}; "
+            "raise it (SKYVAULT_LIMITS__MAX_BANDS) if such rasters are expected"
+        )
+
+
+def _output_size(src: Any, target: str | None, limits: LimitSettings, where: str) -> tuple[int, int]:
+    """Width and height of the COG: the source's, or its reprojection's (checked against limits)."""
+    if target is None:
+        return int(src.width), int(src.height)
+    try:
+        _, width, height = calculate_default_transform(src.crs, target, src.width, src.height, *src.bounds)
+    except _GDAL_ERRORS:
+        return int(src.width), int(src.height)  # the conversion itself reports what is wrong
+    _check_limits(int(width), int(height), 1, limits, f"{where} reprojected to {target}")
+    return int(width), int(height)
+
+
+def _scratch_estimate(
+    src: Any,
+    collection: CollectionConfig,
+    width: int,
+    height: int,
+    source_size: int,
+    options: dict[str, str],
+    target: str | None,
+) -> tuple[int, int]:
+    """Bytes the conversion writes to scratch: an estimate and an upper bound.
+
+    The upper bound is the uncompressed output plus a third for overviews, twice when reprojecting
+    (GDAL writes a warped copy first). A compressed output is estimated from the source's size.
+    """
+    bands = len(collection.bands) if collection.bands else int(src.count)
+    if target is not None and src.nodata is None and collection.nodata is None:
+        bands += 1  # GDAL adds an alpha band when warping data without nodata
+    itemsize = max(np.dtype(d).itemsize for d in src.dtypes)
+    raw = width * height * bands * itemsize
+    copies = 2 if target is not None else 1
+    upper = (raw + raw // 3) * copies
+    if options.get("COMPRESS", "NONE").upper() == "NONE":
+        return upper, upper
+    return min(upper, 2 * source_size * copies), upper
 
 
 def _check_georeferencing(src: Any, where: str) -> None:
@@ -482,14 +619,115 @@ def _tiff_tag_value(f: Any, tag: int) -> tuple[int, bytes] | None:
 
 
 def _validate(cog_path: Path, source_sha256: str, label: str, key: str) -> None:
+    """Validate the COG strictly and check the source checksum item it records."""
     try:
-        valid, errors, warns = cog_validate(cog_path, strict=True, quiet=True)
+        errors, warns = cog_problems(cog_path)
         with rasterio.open(cog_path) as ds:
             recorded = ds.tags().get(SOURCE_SHA256_TAG)
     except _GDAL_ERRORS as e:
         raise CogValidationError(f"product {label}: COG for {key!r} cannot be read back: {e}") from e
-    if not valid:
-        problems = "; ".join([*errors, *warns]) or "unknown reason"
+    if errors or warns:
+        problems = "; ".join([*errors, *warns])
         raise CogValidationError(f"product {label}: COG for {key!r} is not a valid COG: {problems}")
     if recorded != source_sha256:
         raise CogValidationError(f"product {label}: COG for {key!r} does not record its source checksum")
+
+
+def cog_problems(path: Path | str) -> tuple[list[str], list[str]]:
+    """Errors and warnings of a file against the Cloud-Optimized GeoTIFF rules (strict: reject both).
+
+    The rules and messages of rio-cogeo's ``cog_validate``, checked from the TIFF header and IFDs
+    through GDAL's ``TIFF`` metadata domain; no pixel is read.
+
+    Raises:
+        RasterioError: the file cannot be opened.
+
+    """
+    with rasterio.open(path) as ds:
+        errors, warns = _cog_layout_problems(ds)
+        levels = len(ds.overviews(1)) if ds.driver == "GTiff" else 0
+    for level in range(levels):
+        with rasterio.open(path, OVERVIEW_LEVEL=level) as overview:
+            large = overview.width > 512 or overview.height > 512
+            if large and overview.block_shapes and overview.block_shapes[0][1] == overview.width:
+                errors.append(f"Overview of index {level} is not tiled")
+    return errors, warns
+
+
+def _cog_layout_problems(ds: Any) -> tuple[list[str], list[str]]:
+    """Errors and warnings of an open file's layout, overview tiling aside.
+
+    Tiled, internal overviews in decreasing size, IFDs first and in order, the smallest overview's
+    data first and the full resolution's last, and no edit that broke this layout since (GDAL's
+    ``KNOWN_INCOMPATIBLE_EDITION``).
+    """
+    errors: list[str] = []
+    warns: list[str] = []
+    if ds.driver != "GTiff":
+        return ["The file is not a GeoTIFF"], warns
+    if any(Path(f).suffix.lower() == ".ovr" for f in ds.files):
+        errors.append("Overviews found in external .ovr file. They should be internal")
+    overviews = ds.overviews(1)
+    rows, cols = ds.block_shapes[0]
+    if ds.width > 512 or ds.height > 512:
+        if cols == ds.width:
+            errors.append("The file is greater than 512xH or 512xW, but is not tiled")
+        if not overviews:
+            warns.append(
+                "The file is greater than 512xH or 512xW, it is recommended to include internal overviews"
+            )
+    ifd_offsets = [int(ds.get_tag_item("IFD_OFFSET", "TIFF", bidx=1))]
+    if ifd_offsets[0] > 300:
+        errors.append(f"The offset of the main IFD should be < 300. It is {ifd_offsets[0]} instead")
+    ghost = ds.get_tag_item("GDAL_STRUCTURAL_METADATA", "TIFF")
+    if ghost is not None and "KNOWN_INCOMPATIBLE_EDITION=YES" in ghost:
+        errors.append(
+            "This file used to have optimizations in its layout, but those have been, at least "
+            "partly, invalidated by later changes"
+        )
+    if overviews and overviews != sorted(overviews):
+        errors.append("Overviews should be sorted")
+    for level, factor in enumerate(overviews):
+        if not factor > 1:
+            errors.append(f"Invalid Decimation {factor} for overview level {level}")
+        ifd_offsets.append(int(ds.get_tag_item("IFD_OFFSET", "TIFF", bidx=1, ovr=level)))
+        if ifd_offsets[-1] < ifd_offsets[-2]:
+            before = "the one of the main image" if level == 0 else f"the one of index {level - 1}"
+            errors.append(
+                f"The offset of the IFD for overview of index {level} is {ifd_offsets[-1]}, whereas it "
+                f"should be greater than {before}, which is at byte {ifd_offsets[-2]}"
+            )
+    sizes: list[tuple[int, int, int | None]] = [(ds.width, ds.height, None)]
+    sizes += [(ds.width // factor, ds.height // factor, i) for i, factor in enumerate(overviews)]
+    data_offsets: list[int] = []
+    for width, height, ovr in sizes:
+        offset = _first_block_offset(ds, width, height, rows, cols, ovr)
+        if offset is not None:
+            data_offsets.append(offset)
+    if data_offsets and data_offsets[-1] < ifd_offsets[-1]:
+        which = "smallest overview" if overviews else "image"
+        errors.append(f"The offset of the first block of the {which} should be after its IFD")
+    for i in range(len(data_offsets) - 2, 0, -1):
+        if data_offsets[i] < data_offsets[i + 1]:
+            errors.append(
+                f"The offset of the first block of overview of index {i - 1} should be after the one "
+                f"of the overview of index {i}"
+            )
+    if len(data_offsets) >= 2 and data_offsets[0] < data_offsets[1]:
+        errors.append(
+            "The offset of the first block of the main resolution image should be after the one of "
+            f"the overview of index {len(overviews) - 1}"
+        )
+    return errors, warns
+
+
+def _first_block_offset(
+    ds: Any, width: int, height: int, rows: int, cols: int, level: int | None
+) -> int | None:
+    """File offset of the first stored block of the image or an overview (None: no block stored)."""
+    for y in range((height + rows - 1) // rows):
+        for x in range((width + cols - 1) // cols):
+            value = ds.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=1, ovr=level)
+            if value is not None and int(value) > 0:
+                return int(value)
+    return None

@@ -9,8 +9,9 @@ Values come, highest first, from: keyword arguments, ``SKYVAULT_*`` environment 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -20,6 +21,13 @@ from skyvault.config.collections import CollectionConfig
 from skyvault.errors import ConfigError, UnknownCollectionError
 
 PREFECT_VARIABLE_PREFIX = "skyvault_"
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 class StoreSettings(BaseModel):
@@ -34,6 +42,14 @@ class StoreSettings(BaseModel):
     region: str = "us-east-1"
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
+    #: Attempts per S3 request by the client (botocore "standard" retry mode): a request that fails
+    #: before its response arrives (connection refused or closed, timeout) or with 5xx/throttling.
+    #: What is left after these, and a body cut while it is read, fails the task with a transient
+    #: error that the task retry policy retries.
+    max_attempts: int = Field(3, ge=1)
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+    #: Longest silence while waiting for a response or for the next bytes of a body.
+    read_timeout_seconds: float = Field(60.0, gt=0)
 
     @model_validator(mode="after")
     def _s3_needs_bucket(self) -> StoreSettings:
@@ -85,21 +101,75 @@ class DataCatalogSettings(BaseModel):
     backoff_seconds: float = Field(0.5, ge=0)
 
 
+#: The concurrency tags skyvault's tasks carry and their default limits (concurrent task runs per
+#: Prefect server). A configured ``concurrency.tag_limits`` overrides these one tag at a time.
+DEFAULT_TAG_LIMITS: dict[str, int] = {
+    "lts-read": 4,
+    "lts-write": 4,
+    "object-store-read": 16,
+    "object-store-write": 16,
+    "catalog-write": 4,
+    "data-catalog": 4,
+}
+
+
 class ConcurrencySettings(BaseModel):
     """Parallelism inside a run and tag concurrency limits provisioned on the Prefect server."""
 
     model_config = ConfigDict(extra="forbid")
 
     products: int = Field(4, ge=1)
-    tag_limits: dict[str, int] = Field(
-        default_factory=lambda: {
-            "lts-read": 4,
-            "lts-write": 4,
-            "object-store-read": 16,
-            "object-store-write": 16,
-        }
+    #: Limit per tag; configured values are merged over :data:`DEFAULT_TAG_LIMITS`, so setting one
+    #: tag never leaves the others unlimited. A limit below 1 would abort every task with the tag.
+    tag_limits: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: dict(DEFAULT_TAG_LIMITS)
     )
-    tileset_limit: int = Field(1, ge=1)
+    #: Chunks of one seed rendered at once (threads of the seeding run): one per CPU by default.
+    #: Seeds of different layers run side by side; two seeds of one layer take turns (a lock).
+    seed_workers: int = Field(default_factory=cpu_count, ge=1)
+
+    @field_validator("tag_limits", mode="before")
+    @classmethod
+    def _over_defaults(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {**DEFAULT_TAG_LIMITS, **value}
+        return value
+
+
+class LockSettings(BaseModel):
+    """Locks across processes and hosts: how long S3 leases last and how long a run waits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: How long an S3 lease lasts unrenewed (renewed every third of it): a killed holder's lease is
+    #: taken over after this. Local locks (``flock``) are freed at once when their holder dies.
+    lease_seconds: float = Field(30.0, gt=0)
+    #: How long a run waits for a lock another run holds (archive or retrieve of one dataset, and
+    #: whatever else takes ``ObjectStore.lock`` with it); None waits until it is free.
+    wait_seconds: float | None = Field(None, ge=0)
+
+
+class LimitSettings(BaseModel):
+    """Guards against hostile or mistaken input, and how long scratch leftovers are kept.
+
+    A product over a limit fails alone, before any pixel is read, with a message naming the limit
+    and the setting that raises it (``SKYVAULT_LIMITS__<NAME>``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Pixels in one band (width x height) of a source raster, and of its reprojected COG.
+    max_pixels: int = Field(2**31, ge=1)
+    #: Bands of a source raster.
+    max_bands: int = Field(1024, ge=1)
+    #: Size of one browse report or JSON sidecar.
+    max_sidecar_bytes: int = Field(16 * 1024**2, ge=1)
+    #: Nesting depth of a JSON sidecar (objects and arrays) or a browse report (elements).
+    max_nesting_depth: int = Field(64, ge=1)
+    #: A scratch folder left by a process that cannot be checked (another host or container) is
+    #: removed once nothing in it changed for this long; one left by a dead process on this host
+    #: is removed at once.
+    stale_scratch_seconds: float = Field(24 * 3600.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -117,6 +187,8 @@ class Settings(BaseSettings):
     lts: LtsSettings = Field(default_factory=LtsSettings)
     data_catalog: DataCatalogSettings = Field(default_factory=DataCatalogSettings)
     concurrency: ConcurrencySettings = Field(default_factory=ConcurrencySettings)
+    locks: LockSettings = Field(default_factory=LockSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     collections: dict[str, CollectionConfig] = Field(default_factory=dict)
 
     @field_validator("collections", mode="before")

@@ -10,7 +10,9 @@ the raster with the same stem next to it. Dot-files and GDAL ``*.aux.xml`` files
 
 A product id is the browse identifier, else the sidecar's ``name``, else the raster's file stem,
 and must be a safe id. Anything that cannot become a product is a :class:`DiscoveryFailure` naming
-the key; one bad report never stops the others. Results are sorted, so a re-run over the same
+the key; one bad report never stops the others: whatever goes wrong reading one report or sidecar
+(too large or too deep for ``limits``, malformed, unreadable, a link out of the store) fails only
+the products it concerns. Results are sorted, so a re-run over the same
 objects gives the same answer.
 """
 
@@ -27,17 +29,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from skyvault.config.collections import CollectionConfig
-from skyvault.config.settings import StoreSettings
+from skyvault.config.settings import LimitSettings, StoreSettings
 from skyvault.discovery.reports import (
-    MAX_REPORT_BYTES,
     BrowseReport,
     NewItem,
+    check_size,
     parse_browse_report,
     parse_newitem,
 )
 from skyvault.errors import (
     ConfigError,
     InvalidIdentifierError,
+    LinkOutsideStoreError,
     ObjectNotFoundError,
     ReportError,
     StorageError,
@@ -168,7 +171,11 @@ class _LiveView:
         self.store = store
 
     def get(self, key: str) -> ObjectInfo | None:
-        return self.store.head(key)
+        try:
+            return self.store.head(key)
+        except LinkOutsideStoreError:
+            # Listed like a listing shows it; reading it fails that product, naming the key.
+            return ObjectInfo(key=key, size=0, last_modified=dt.datetime.fromtimestamp(0, dt.UTC))
 
     def same_stem(self, describer_key: str) -> list[str]:
         prefix = describer_key.rsplit("/", 1)[0] + "/" + _stem(_basename(describer_key))
@@ -294,22 +301,25 @@ def _sidecar_claim(collection: str, item: NewItem, view: _View) -> _Claim:
     )
 
 
-def _read_describer(store: ObjectStore, collection: str, info: ObjectInfo, view: _View) -> _Described:
+def _read_describer(
+    store: ObjectStore, collection: str, info: ObjectInfo, view: _View, limits: LimitSettings
+) -> _Described:
     """Read one report or sidecar into claims; its own problems become failures, never exceptions.
 
-    Transient storage errors propagate so the calling task is retried.
+    Transient storage errors propagate so the calling task is retried. Any other error while
+    reading or parsing one file (even an unexpected one) fails that file's products only.
     """
     out = _Described()
     key = info.key
     kind = object_kind(key)
+    what = f"browse report {key!r}" if kind == "report" else f"sidecar {key!r}"
     try:
-        if info.size > MAX_REPORT_BYTES:
-            raise ReportError(f"{kind} {key!r} is larger than {MAX_REPORT_BYTES} bytes")
+        check_size(info.size, what, limits)
         data = store.get_bytes(key)
         if kind == "report":
-            _report_claims(collection, parse_browse_report(data, key), out)
+            _report_claims(collection, parse_browse_report(data, key, limits=limits), out)
         else:
-            item = parse_newitem(data, key)
+            item = parse_newitem(data, key, limits=limits)
             if item.filename:
                 with contextlib.suppress(ReportError):
                     out.held.add(resolve_in_folder(key, item.filename))
@@ -317,9 +327,16 @@ def _read_describer(store: ObjectStore, collection: str, info: ObjectInfo, view:
     except TransientError:
         raise
     except (ReportError, StorageError) as e:
-        out.held.update(view.same_stem(key))
-        out.failures.append(_fail(collection, key, str(e), *sorted(out.held)))
+        _describer_failed(collection, key, str(e), view, out)
+    except Exception as e:  # noqa: BLE001 - one file's bad content must never fail the whole discovery
+        _describer_failed(collection, key, f"{what} cannot be read: {type(e).__name__}: {e}", view, out)
     return out
+
+
+def _describer_failed(collection: str, key: str, message: str, view: _View, out: _Described) -> None:
+    out.claims.clear()
+    out.held.update(view.same_stem(key))
+    out.failures.append(_fail(collection, key, message, *sorted(out.held)))
 
 
 # --- from claims and rasters to products ---------------------------------------------------------
@@ -468,6 +485,7 @@ def _collection_folder(
     objects: list[ObjectInfo],
     matches: Callable[[str], bool],
     pattern_overridden: bool,
+    limits: LimitSettings,
 ) -> tuple[list[_Candidate], list[_Failure]]:
     """Candidates and failures of one collection folder, before ``since`` and duplicate checks.
 
@@ -480,7 +498,7 @@ def _collection_folder(
     describers = [o for o in objects if object_kind(o.key) in ("report", "sidecar")]
     described = _Described()
     with ThreadPoolExecutor(max_workers=READ_WORKERS) as pool:
-        for one in pool.map(lambda info: _read_describer(store, config.id, info, view), describers):
+        for one in pool.map(lambda info: _read_describer(store, config.id, info, view, limits), describers):
             described.claims.extend(one.claims)
             described.failures.extend(one.failures)
             described.held.update(one.held)
@@ -506,6 +524,7 @@ def discover(
     collection: str | None = None,
     since: dt.datetime | None = None,
     pattern: str | None = None,
+    limits: LimitSettings | None = None,
 ) -> Discovery:
     """Find the products under ``landing/`` (or ``landing/<collection>/``).
 
@@ -518,6 +537,8 @@ def discover(
             failures likewise only when something they concern changed.
         pattern: replaces every collection's ``pattern`` (read with its ``pattern_kind``); browses
             naming rasters it does not match are left out silently.
+        limits: size and nesting depth allowed for reports and sidecars (defaults:
+            :class:`LimitSettings`).
 
     Raises:
         UnknownCollectionError: ``collection`` is not configured.
@@ -544,7 +565,12 @@ def discover(
     for folder in sorted(groups):
         if folder in targets:
             found, failed = _collection_folder(
-                obj_store, targets[folder], groups[folder], matchers[folder], pattern is not None
+                obj_store,
+                targets[folder],
+                groups[folder],
+                matchers[folder],
+                pattern is not None,
+                limits or LimitSettings(),
             )
             candidates.extend(found)
             failures.extend(failed)
@@ -569,7 +595,11 @@ def discover(
 
 
 def products_from_report(
-    store: StoreSettings, collections: dict[str, CollectionConfig], report_key: str
+    store: StoreSettings,
+    collections: dict[str, CollectionConfig],
+    report_key: str,
+    *,
+    limits: LimitSettings | None = None,
 ) -> Discovery:
     """The products one browse report (``.xml``) or ``/newitem`` sidecar (``.json``) describes.
 
@@ -602,11 +632,15 @@ def products_from_report(
             f"(configured: {known})"
         )
     obj_store = open_store(store)
-    info = obj_store.head(report_key)
+    try:
+        info = obj_store.head(report_key)
+    except LinkOutsideStoreError as e:
+        failure = DiscoveryFailure(collection=collection, key=report_key, message=str(e))
+        return Discovery(products=[], failures=[failure])
     if info is None:
         raise ObjectNotFoundError(f"report {report_key!r} not found")
     view = _LiveView(obj_store)
-    described = _read_describer(obj_store, collection, info, view)
+    described = _read_describer(obj_store, collection, info, view, limits or LimitSettings())
     claims = _link(collection, described, view, lambda _key: None)
     candidates = _candidates(collection, claims, claims, described.held, described.failures)
     return _finish(candidates, described.failures, view, None)

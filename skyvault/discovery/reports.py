@@ -2,6 +2,8 @@
 
 Browse reports are parsed with defusedxml with DTDs forbidden, so entity expansion, external
 entities and document type declarations are refused before anything is expanded or fetched.
+Reports and sidecars larger or nested deeper than the configured limits (``limits.*``) are refused
+before they are parsed (JSON) or as soon as the parser reaches the limit (XML).
 A report-level problem (unsafe or malformed XML, wrong root, no browse) is a :class:`ReportError`
 naming the report; a problem with one browse rejects that browse only, so a report with some good
 browses is ``partial`` rather than lost.
@@ -10,25 +12,25 @@ browses is ``partial`` rather than lost.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import math
 import re
 from typing import Any, Literal
 from xml.etree.ElementTree import Element, ParseError
 
+import numpy as np
 from defusedxml import DefusedXmlException
-from defusedxml.ElementTree import fromstring
+from defusedxml.ElementTree import iterparse
 from pydantic import BaseModel, ConfigDict, Field
 
-from skyvault.errors import ReportError
+from skyvault.config.settings import LimitSettings
+from skyvault.errors import ReportError, ReportLimitError
 from skyvault.items import utc
 
 NS_BROWSE_REPORT = "http://ngeo.eo.esa.int/ngEO/browseReport/1.0"
 NS_BROWSE_REPORT_OLD = "http://ngeo.eo.esa.int/schema/browseReport"
 NAMESPACES = (NS_BROWSE_REPORT, NS_BROWSE_REPORT_OLD)
-
-#: Reports and sidecars larger than this are refused without being read.
-MAX_REPORT_BYTES = 16 * 1024 * 1024
 
 GeoReferenceKind = Literal["rectifiedBrowse", "footprint", "regularGrid", "modelInGeotiff"]
 GEOREFERENCE_KINDS: tuple[GeoReferenceKind, ...] = (
@@ -295,11 +297,46 @@ def _browse(elem: Element, ns: str, index: int) -> Browse:
     )
 
 
-def _parse_xml(data: bytes, source: str) -> Element:
-    if len(data) > MAX_REPORT_BYTES:
-        raise ReportError(f"browse report {source!r} is larger than {MAX_REPORT_BYTES} bytes")
+def check_size(size: int, what: str, limits: LimitSettings) -> None:
+    """Refuse a report or sidecar (``what`` names it) larger than ``limits.max_sidecar_bytes``.
+
+    Raises:
+        ReportLimitError: ``size`` is over the limit; names the file, the limit and its setting.
+
+    """
+    if size > limits.max_sidecar_bytes:
+        raise ReportLimitError(
+            f"{what} is {size} bytes, more than the limit limits.max_sidecar_bytes = "
+            f"{limits.max_sidecar_bytes}; raise it (SKYVAULT_LIMITS__MAX_SIDECAR_BYTES) if such files "
+            "are expected"
+        )
+
+
+def _too_deep(what: str, limits: LimitSettings) -> ReportLimitError:
+    return ReportLimitError(
+        f"{what} is nested deeper than the limit limits.max_nesting_depth = {limits.max_nesting_depth}; "
+        "raise it (SKYVAULT_LIMITS__MAX_NESTING_DEPTH) if such files are expected"
+    )
+
+
+def _parse_xml(data: bytes, source: str, limits: LimitSettings) -> Element:
+    what = f"browse report {source!r}"
+    check_size(len(data), what, limits)
     try:
-        return fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+        events = iterparse(
+            io.BytesIO(data),
+            events=("start", "end"),
+            forbid_dtd=True,
+            forbid_entities=True,
+            forbid_external=True,
+        )
+        depth = 0
+        for event, _ in events:
+            depth += 1 if event == "start" else -1
+            if depth > limits.max_nesting_depth:
+                raise _too_deep(what, limits)
+        root: Element = events.root  # type: ignore[attr-defined]
+        return root
     except DefusedXmlException as e:
         raise ReportError(
             f"browse report {source!r} refused: it declares a DTD, entities or external references "
@@ -309,19 +346,21 @@ def _parse_xml(data: bytes, source: str) -> Element:
         raise ReportError(f"browse report {source!r} is not well-formed XML: {e}") from e
 
 
-def parse_browse_report(data: bytes, source: str) -> BrowseReport:
+def parse_browse_report(data: bytes, source: str, *, limits: LimitSettings | None = None) -> BrowseReport:
     """Parse an ngEO browse report safely.
 
     Args:
         data: the report's bytes.
         source: the report's key or file name, used in every message.
+        limits: size and nesting depth allowed (defaults: :class:`LimitSettings`).
 
     Raises:
-        ReportError: the XML is unsafe (DTD, entities, external references), malformed, too large,
-            not a ``rep:browseReport`` in a known namespace, has a bad ``dateTime`` or no browse.
+        ReportError: the XML is unsafe (DTD, entities, external references), malformed, not a
+            ``rep:browseReport`` in a known namespace, has a bad ``dateTime`` or no browse.
+        ReportLimitError: the report is larger or nested deeper than ``limits`` allow.
 
     """
-    root = _parse_xml(data, source)
+    root = _parse_xml(data, source, limits or LimitSettings())
     ns, _, local = root.tag[1:].partition("}") if root.tag.startswith("{") else ("", "", root.tag)
     if local != "browseReport" or ns not in NAMESPACES:
         raise ReportError(
@@ -368,7 +407,20 @@ def parse_browse_report(data: bytes, source: str) -> BrowseReport:
 _NEWITEM_STRINGS = ("collection_id", "name", "filename", "stac_api_server", "file_source_host")
 
 
-def parse_newitem(data: bytes, source: str) -> NewItem:
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_STEP = np.zeros(256, dtype=np.int8)
+_STEP[[ord("["), ord("{")]] = 1
+_STEP[[ord("]"), ord("}")]] = -1
+
+
+def json_depth(data: bytes) -> int:
+    """How deeply arrays and objects nest in the JSON text ``data``, without parsing it."""
+    steps = _STEP[np.frombuffer(_JSON_STRING.sub(b'""', data), dtype=np.uint8)]
+    steps = steps[steps != 0]
+    return int(np.cumsum(steps, dtype=np.int32).max()) if steps.size else 0
+
+
+def parse_newitem(data: bytes, source: str, *, limits: LimitSettings | None = None) -> NewItem:
     """Parse a ``/newitem`` JSON sidecar.
 
     Every field is optional; ``date`` is the item's datetime (ISO 8601, UTC when no offset is given).
@@ -377,10 +429,15 @@ def parse_newitem(data: bytes, source: str) -> NewItem:
     Raises:
         ReportError: not UTF-8 JSON, not an object, a field of the wrong type, or a ``date`` that
             does not parse (the message names the product).
+        ReportLimitError: the sidecar is larger or nested deeper than ``limits`` allow (checked
+            before parsing).
 
     """
-    if len(data) > MAX_REPORT_BYTES:
-        raise ReportError(f"sidecar {source!r} is larger than {MAX_REPORT_BYTES} bytes")
+    limits = limits or LimitSettings()
+    what = f"sidecar {source!r}"
+    check_size(len(data), what, limits)
+    if json_depth(data) > limits.max_nesting_depth:
+        raise _too_deep(what, limits)
     try:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:

@@ -3,6 +3,9 @@
 Keys are ``/``-separated relative names (``cogs/<collection>/<id>.tif``). Writes are atomic: a
 reader sees either the old object or the complete new one, never a partial file (local: write to a
 temporary name in the same folder, then rename; S3: a PUT or a completed multipart upload).
+Documents several processes change (catalog.json, collection.json, TileJSON) go through
+:meth:`ObjectStore.update`, and :meth:`ObjectStore.lock` is a lock across processes and hosts
+(see :mod:`skyvault.storage.lock`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
@@ -20,11 +24,13 @@ from urllib.parse import urlparse
 from skyvault.config.settings import StoreSettings
 from skyvault.errors import (
     BucketNotFoundError,
+    LinkOutsideStoreError,
     ObjectNotFoundError,
     StorageError,
     TransientStorageError,
 )
 from skyvault.models import ObjectInfo
+from skyvault.storage.lock import flock, s3_lock, s3_update
 
 
 def check_key(key: str) -> str:
@@ -62,7 +68,37 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
     def delete(self, key: str) -> None: ...
+    def update(
+        self, key: str, fn: Callable[[bytes | None], bytes | None], content_type: str | None = None
+    ) -> bytes | None:
+        """Atomically read-modify-write one object, safe against other processes and hosts.
+
+        ``fn`` gets the current bytes (None when absent) and returns the new bytes (None, or the
+        same bytes: leave it unchanged). It may run more than once, so it must only compute.
+        Returns the bytes stored afterwards (None: still absent).
+        """
+        ...
+
+    def lock(
+        self, key: str, *, lease_seconds: float, timeout_seconds: float | None
+    ) -> contextlib.AbstractContextManager[None]:
+        """An exclusive lock named ``key`` across processes and hosts, held while inside.
+
+        A holder that dies frees it: at once on a local folder (``flock``), after
+        ``lease_seconds`` on S3 (a lease object at ``key``, renewed while held; store no data
+        there). ``timeout_seconds=None`` waits as long as it takes.
+
+        Raises:
+            LockTimeoutError: still held by another after ``timeout_seconds``; names key and holder.
+
+        """
+        ...
+
     def gdal_path(self, key: str) -> str: ...
+    def holds_gdal_path(self, path: str) -> bool:
+        """True when ``path`` (a file GDAL opened) is an object of this store, links resolved."""
+        ...
+
     def gdal_env(self) -> dict[str, Any]:
         """Keyword arguments for ``rasterio.Env`` that let GDAL read :meth:`gdal_path` in place."""
         ...
@@ -78,7 +114,50 @@ class LocalStore:
         self.root = root.resolve()
 
     def _path(self, key: str) -> Path:
-        return self.root / check_key(key)
+        """Where ``key`` lives: its folder resolved, which must lie inside the root.
+
+        The last segment is left as it is, so a write replaces a link there and a delete removes
+        the link, neither following it.
+
+        Raises:
+            StorageError: the key is unsafe.
+            LinkOutsideStoreError: a folder on the way is a link that leads out of the root.
+
+        """
+        path = self.root / check_key(key)
+        folder = Path(os.path.realpath(path.parent))
+        if not folder.is_relative_to(self.root):
+            raise LinkOutsideStoreError(
+                f"object {key!r}: its folder leads to {folder}, outside the store root {self.root}; "
+                "links out of the store are not followed"
+            )
+        return folder / path.name
+
+    def _target(self, key: str) -> Path:
+        """The file ``key`` names, following links only while they stay inside the root.
+
+        Raises:
+            LinkOutsideStoreError: ``key`` (or a folder on the way) is a link out of the root.
+
+        """
+        real = Path(os.path.realpath(self._path(key)))
+        if not real.is_relative_to(self.root):
+            raise LinkOutsideStoreError(
+                f"object {key!r} is a link to {real}, outside the store root {self.root}; "
+                "links out of the store are not followed"
+            )
+        return real
+
+    def _open(self, key: str) -> IO[bytes]:
+        """``key``'s file opened for reading; a link swapped in after the check is not followed."""
+        path = self._target(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError as e:
+            raise ObjectNotFoundError(f"object {key!r} not found in {self.root}") from e
+        except OSError as e:
+            raise StorageError(f"cannot read {key!r}: {e}") from e
+        return os.fdopen(fd, "rb")
 
     def put_file(self, key: str, path: Path, content_type: str | None = None) -> None:
         dest = self._path(key)
@@ -111,7 +190,7 @@ class LocalStore:
             raise
 
     def get_file(self, key: str, dest: Path) -> None:
-        src = self._path(key)
+        src = self._target(key)
         try:
             shutil.copyfile(src, dest)
         except FileNotFoundError as e:
@@ -120,26 +199,19 @@ class LocalStore:
             raise StorageError(f"cannot read {key!r}: {e}") from e
 
     def get_bytes(self, key: str) -> bytes:
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError as e:
-            raise ObjectNotFoundError(f"object {key!r} not found in {self.root}") from e
-        except OSError as e:
-            raise StorageError(f"cannot read {key!r}: {e}") from e
+        with self._open(key) as f:
+            try:
+                return f.read()
+            except OSError as e:
+                raise StorageError(f"cannot read {key!r}: {e}") from e
 
     @contextlib.contextmanager
     def open_read(self, key: str) -> Iterator[IO[bytes]]:
-        try:
-            f = self._path(key).open("rb")
-        except FileNotFoundError as e:
-            raise ObjectNotFoundError(f"object {key!r} not found in {self.root}") from e
-        except OSError as e:
-            raise StorageError(f"cannot read {key!r}: {e}") from e
-        with f:
+        with self._open(key) as f:
             yield f
 
     def head(self, key: str) -> ObjectInfo | None:
-        path = self._path(key)
+        path = self._target(key)
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -156,22 +228,36 @@ class LocalStore:
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         if not base.is_dir():
             return
+        if not Path(os.path.realpath(base)).is_relative_to(self.root):
+            raise LinkOutsideStoreError(
+                f"prefix {prefix!r} leads to {os.path.realpath(base)}, outside the store root {self.root}; "
+                "links out of the store are not followed"
+            )
         found: list[ObjectInfo] = []
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames.sort()
             for name in filenames:
-                if name.startswith(".") and name.endswith(".part"):
+                if name.startswith(".") and name.endswith((".part", ".lock")):
                     continue
                 full = Path(dirpath) / name
                 key = full.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    st = full.stat()
-                    found.append(
-                        ObjectInfo(
-                            key=key, size=st.st_size, last_modified=datetime.fromtimestamp(st.st_mtime, UTC)
-                        )
-                    )
+                if key.startswith(prefix) and (info := self._listed(full, key)) is not None:
+                    found.append(info)
         yield from sorted(found, key=lambda o: o.key)
+
+    def _listed(self, full: Path, key: str) -> ObjectInfo | None:
+        """A listed file; a link out of the root is listed as the link itself, never followed.
+
+        Reading such a key fails naming it, so what it describes fails with a clear message.
+        """
+        try:
+            if full.is_symlink() and not Path(os.path.realpath(full)).is_relative_to(self.root):
+                st = full.lstat()
+            else:
+                st = full.stat()
+        except FileNotFoundError:
+            return None  # a dangling link, or removed since the folder was read
+        return ObjectInfo(key=key, size=st.st_size, last_modified=datetime.fromtimestamp(st.st_mtime, UTC))
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -180,8 +266,39 @@ class LocalStore:
         except OSError as e:
             raise StorageError(f"cannot delete {key!r}: {e}") from e
 
+    def _lock_file(self, key: str, suffix: str) -> Path:
+        """The hidden lock file beside ``key``: ``.<name><suffix>`` (never listed)."""
+        path = self._path(key)
+        return path.with_name(f".{path.name}{suffix}")
+
+    def update(
+        self, key: str, fn: Callable[[bytes | None], bytes | None], content_type: str | None = None
+    ) -> bytes | None:
+        path = self._path(key)
+        with flock(self._lock_file(key, ".update.lock"), key, timeout_seconds=None):
+            try:
+                current: bytes | None = self._target(key).read_bytes()
+            except FileNotFoundError:
+                current = None
+            except OSError as e:
+                raise StorageError(f"cannot read {key!r}: {e}") from e
+            new = fn(current)
+            if new is None or new == current:
+                return current
+            with self._atomic(path) as tmp:
+                tmp.write_bytes(new)
+            return new
+
+    def lock(
+        self, key: str, *, lease_seconds: float, timeout_seconds: float | None
+    ) -> contextlib.AbstractContextManager[None]:
+        return flock(self._lock_file(key, ".lock"), key, timeout_seconds=timeout_seconds)
+
     def gdal_path(self, key: str) -> str:
-        return str(self._path(key))
+        return str(self._target(key))
+
+    def holds_gdal_path(self, path: str) -> bool:
+        return Path(os.path.realpath(path)).is_relative_to(self.root)
 
     def gdal_env(self) -> dict[str, Any]:
         return {}
@@ -193,56 +310,140 @@ class LocalStore:
         return self.url(key)
 
 
-_TRANSIENT_CODES = {"500", "502", "503", "504", "RequestTimeout", "SlowDown", "Throttling", "InternalError"}
+_TRANSIENT_CODES = {
+    "500",
+    "502",
+    "503",
+    "504",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "ServiceUnavailable",
+    "InternalError",
+}
+_TRANSIENT_STATUS = {500, 502, 503, 504}
+
+
+_S3_CLIENTS: dict[tuple[Any, ...], Any] = {}
+_S3_CLIENTS_GUARD = threading.Lock()
+
+
+def _s3_client(settings: StoreSettings) -> Any:
+    """The process's one S3 client for these settings.
+
+    Clients are safe to share between threads, but not to create concurrently from one session.
+    """
+    import boto3
+    from botocore.config import Config
+
+    secrets = tuple(
+        s.get_secret_value() if s else None for s in (settings.access_key_id, settings.secret_access_key)
+    )
+    key = (os.getpid(), settings.model_dump_json(), *secrets)
+    with _S3_CLIENTS_GUARD:
+        if key not in _S3_CLIENTS:
+            _S3_CLIENTS[key] = boto3.client(
+                "s3",
+                endpoint_url=settings.endpoint_url,
+                region_name=settings.region,
+                aws_access_key_id=settings.access_key_id.get_secret_value()
+                if settings.access_key_id
+                else None,
+                aws_secret_access_key=(
+                    settings.secret_access_key.get_secret_value() if settings.secret_access_key else None
+                ),
+                config=Config(
+                    retries={"total_max_attempts": settings.max_attempts, "mode": "standard"},
+                    connect_timeout=settings.connect_timeout_seconds,
+                    read_timeout=settings.read_timeout_seconds,
+                    s3={"addressing_style": "path"},
+                ),
+            )
+        return _S3_CLIENTS[key]
 
 
 class S3Store:
     """An object store in an S3 bucket (any S3-compatible endpoint)."""
 
     def __init__(self, settings: StoreSettings) -> None:
-        import boto3
-        from botocore.config import Config
+        from boto3.s3.transfer import TransferConfig
 
         if not settings.bucket:
             raise StorageError("S3 store needs a bucket")
         self.bucket = settings.bucket
         self.settings = settings
-        self._client: Any = boto3.client(
-            "s3",
-            endpoint_url=settings.endpoint_url,
-            region_name=settings.region,
-            aws_access_key_id=settings.access_key_id.get_secret_value() if settings.access_key_id else None,
-            aws_secret_access_key=(
-                settings.secret_access_key.get_secret_value() if settings.secret_access_key else None
-            ),
-            config=Config(retries={"max_attempts": 3, "mode": "standard"}, s3={"addressing_style": "path"}),
-        )
+        self._client: Any = _s3_client(settings)
+        # The client already retries each request (``max_attempts``); s3transfer's own loop around
+        # it for downloads would multiply attempts, so a body cut while downloading surfaces as a
+        # TransientStorageError for the task retry policy instead, as in get_bytes and open_read.
+        self._download_config = TransferConfig(num_download_attempts=1)
 
-    def _translate(self, e: Exception, key: str) -> StorageError:
-        from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, EndpointConnectionError
+    def _translate(self, e: BaseException, key: str) -> StorageError:
+        """The skyvault error for a client error on ``key``; transient ones may succeed on retry.
 
+        Transient: 5xx and throttling answers, a connection refused, closed or reset, a connect or
+        read timeout, and a body cut while it is read (before or after the client's own attempts).
+        """
+        from boto3.exceptions import RetriesExceededError, S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError
+        from botocore.exceptions import ConnectionError as ClientConnectionError
+        from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
+        from urllib3.exceptions import HTTPError as URLLib3Error
+
+        where = f"{key!r} in bucket {self.bucket!r}"
+        last = getattr(e, "last_exception", None)
+        retried = isinstance(e, (RetriesExceededError, TransferRetriesExceededError))
+        if retried and isinstance(last, Exception):
+            return self._translate(last, key)
+        if isinstance(e, S3UploadFailedError) and isinstance(e.__context__, Exception):
+            return self._translate(e.__context__, key)
         if isinstance(e, ClientError):
             code = str(e.response.get("Error", {}).get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code == "NoSuchBucket":
                 return BucketNotFoundError(f"bucket {self.bucket!r} does not exist (while accessing {key!r})")
             if code in ("NoSuchKey", "404", "NotFound"):
                 return ObjectNotFoundError(f"object {key!r} not found in bucket {self.bucket!r}")
-            if code in _TRANSIENT_CODES:
-                return TransientStorageError(f"S3 error {code} on {key!r} in bucket {self.bucket!r}: {e}")
-            return StorageError(f"S3 error {code} on {key!r} in bucket {self.bucket!r}: {e}")
-        if isinstance(e, (EndpointConnectionError, ConnectionError)):
-            return TransientStorageError(f"cannot reach S3 for {key!r} in bucket {self.bucket!r}: {e}")
+            if code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS:
+                return TransientStorageError(f"S3 error {code} on {where}: {e}")
+            return StorageError(f"S3 error {code} on {where}: {e}")
+        if isinstance(
+            e,
+            (
+                ClientConnectionError,
+                HTTPClientError,
+                IncompleteReadError,
+                URLLib3Error,
+                ConnectionError,
+                TimeoutError,
+            ),
+        ):
+            return TransientStorageError(f"S3 connection failed on {where} ({type(e).__name__}): {e}")
         if isinstance(e, BotoCoreError):
-            return StorageError(f"S3 client error on {key!r} in bucket {self.bucket!r}: {e}")
-        return StorageError(f"error on {key!r} in bucket {self.bucket!r}: {e}")
+            return StorageError(f"S3 client error on {where}: {e}")
+        return StorageError(f"error on {where}: {e}")
 
     @contextlib.contextmanager
     def _errors(self, key: str) -> Iterator[None]:
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
+        from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
+        from urllib3.exceptions import HTTPError as URLLib3Error
 
         try:
             yield
-        except (ClientError, BotoCoreError) as e:
+        except (
+            ClientError,
+            BotoCoreError,
+            Boto3Error,
+            TransferRetriesExceededError,
+            URLLib3Error,
+            ConnectionError,
+            TimeoutError,
+        ) as e:
             raise self._translate(e, key) from e
 
     def put_file(self, key: str, path: Path, content_type: str | None = None) -> None:
@@ -257,7 +458,7 @@ class S3Store:
 
     def get_file(self, key: str, dest: Path) -> None:
         with self._errors(check_key(key)):
-            self._client.download_file(self.bucket, key, str(dest))
+            self._client.download_file(self.bucket, key, str(dest), Config=self._download_config)
 
     def get_bytes(self, key: str) -> bytes:
         with self._errors(check_key(key)):
@@ -296,8 +497,28 @@ class S3Store:
         with self._errors(check_key(key)):
             self._client.delete_object(Bucket=self.bucket, Key=key)
 
+    def update(
+        self, key: str, fn: Callable[[bytes | None], bytes | None], content_type: str | None = None
+    ) -> bytes | None:
+        return s3_update(self, check_key(key), fn, content_type)
+
+    def lock(
+        self, key: str, *, lease_seconds: float, timeout_seconds: float | None
+    ) -> contextlib.AbstractContextManager[None]:
+        return s3_lock(self, check_key(key), lease_seconds=lease_seconds, timeout_seconds=timeout_seconds)
+
     def gdal_path(self, key: str) -> str:
         return f"/vsis3/{self.bucket}/{check_key(key)}"
+
+    def holds_gdal_path(self, path: str) -> bool:
+        prefix = f"/vsis3/{self.bucket}/"
+        if not path.startswith(prefix):
+            return False
+        try:
+            check_key(path[len(prefix) :])
+        except StorageError:
+            return False
+        return True
 
     def gdal_env(self) -> dict[str, Any]:
         from rasterio.session import AWSSession

@@ -8,7 +8,7 @@ from prefect import task
 
 from skyvault.cog import convert
 from skyvault.config.collections import CollectionConfig
-from skyvault.config.settings import StoreSettings
+from skyvault.config.settings import LimitSettings, StoreSettings
 from skyvault.models import CogInfo, Product
 from skyvault.tasks.policy import TASK_POLICY
 
@@ -21,6 +21,7 @@ def preprocess_product(
     scratch_dir: Path,
     *,
     replace: bool = False,
+    limits: LimitSettings | None = None,
 ) -> CogInfo:
     """Task: :func:`skyvault.cog.convert.preprocess_product`."""
-    return convert.preprocess_product(product, collection, store, scratch_dir, replace=replace)
+    return convert.preprocess_product(product, collection, store, scratch_dir, replace=replace, limits=limits)

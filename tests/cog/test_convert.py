@@ -2,7 +2,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +14,7 @@ import boto3
 import numpy as np
 import pytest
 import rasterio
+import rasterio.shutil
 from rasterio.transform import from_origin
 from rasterio.warp import transform as transform_coords
 from rio_cogeo.cogeo import cog_validate
@@ -18,11 +23,18 @@ from skyvault.cog.convert import (
     COG_MEDIA_TYPE,
     SOURCE_SHA256_TAG,
     cog_key,
+    cog_problems,
     preprocess_product,
 )
 from skyvault.config.collections import CogProfile, CollectionConfig
-from skyvault.config.settings import StoreSettings
-from skyvault.errors import InvalidIdentifierError, RasterError
+from skyvault.config.settings import LimitSettings, StoreSettings
+from skyvault.errors import (
+    InvalidIdentifierError,
+    LinkOutsideStoreError,
+    RasterError,
+    RasterLimitError,
+    ScratchSpaceError,
+)
 from skyvault.models import CogInfo, Product
 from tests.conftest import write_raster
 
@@ -93,6 +105,36 @@ def test_rgb_cog_is_valid_tiled_and_pixel_identical(
         assert cog.overviews(1) == [2, 4]
         assert np.array_equal(cog.read(), src.read())
         assert cog.tags()[SOURCE_SHA256_TAG] == info.source_sha256
+
+
+def _layouts(folder: Path) -> list[Path]:
+    """Files that break the COG rules in different ways, and two that keep them."""
+    data = (np.arange(1100 * 1200, dtype=np.uint32) % 251).astype(np.uint8).reshape(1, 1100, 1200)
+    striped = write_raster(folder / "striped.tif", data)
+    tiled = folder / "tiled.tif"
+    rasterio.shutil.copy(striped, tiled, driver="GTiff", tiled=True, blockxsize=256, blockysize=256)
+    overviews_after_data = folder / "overviews_after_data.tif"
+    shutil.copyfile(tiled, overviews_after_data)
+    with rasterio.open(overviews_after_data, "r+") as ds:
+        ds.build_overviews([2, 4, 8])
+    cog = folder / "cog.tif"
+    rasterio.shutil.copy(striped, cog, driver="COG", BLOCKSIZE="256")
+    no_overviews = folder / "cog_without_overviews.tif"
+    rasterio.shutil.copy(striped, no_overviews, driver="COG", OVERVIEWS="NONE")
+    edited = folder / "edited.tif"
+    shutil.copyfile(cog, edited)
+    with rasterio.open(edited, "r+", IGNORE_COG_LAYOUT_BREAK="YES") as ds:
+        ds.write(np.flip(data), window=((0, 1100), (0, 1200)))
+    small = write_raster(folder / "small.tif", data[:, :200, :300])
+    return [striped, tiled, overviews_after_data, cog, no_overviews, edited, small]
+
+
+def test_cog_rules_are_checked_as_rio_cogeo_checks_them(tmp_path: Path) -> None:
+    for path in _layouts(tmp_path):
+        _, errors, warnings = cog_validate(path, strict=True, quiet=True)
+        assert cog_problems(path) == (errors, warnings), path.name
+    assert cog_problems(tmp_path / "cog.tif") == ([], [])
+    assert cog_problems(tmp_path / "edited.tif") != ([], [])
 
 
 def test_float_with_nodata_is_pixel_identical(float_utm: Path, store: StoreSettings, scratch: Path) -> None:
@@ -428,3 +470,193 @@ def test_bad_s3_source_fails_naming_the_product(s3_store_settings: StoreSettings
 
     with pytest.raises(RasterError, match=r"bad/broken.*landing/bad/broken\.tif"):
         preprocess_product(product, CollectionConfig(id="bad"), s3_store_settings, tmp_path / "scratch")
+
+
+# --- guards: links, limits, scratch space --------------------------------------------------------
+
+
+def huge_header(path: Path, size: int = 100_000) -> Path:
+    """A tiny sparse GeoTIFF whose header claims ``size`` x ``size`` pixels (no tile is written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile: dict[str, Any] = {
+        "driver": "GTiff",
+        "width": size,
+        "height": size,
+        "count": 1,
+        "dtype": "uint8",
+        "crs": "EPSG:4326",
+        "transform": from_origin(0.0, 50.0, 1e-5, 1e-5),
+        "tiled": True,
+        "blockxsize": 1024,
+        "blockysize": 1024,
+        "compress": "deflate",
+        "sparse_ok": True,
+    }
+    with rasterio.open(path, "w", **profile):
+        pass
+    return path
+
+
+def test_huge_header_fails_before_any_pixel_is_read(
+    tmp_path: Path, store: StoreSettings, scratch: Path
+) -> None:
+    product = land(store, "big", huge_header(tmp_path / "HUGE_1.tif"))
+    assert (store.root / product.source_key).stat().st_size < 1024 * 1024
+
+    with pytest.raises(RasterLimitError, match=r"big/HUGE_1.*100000 x 100000") as caught:
+        preprocess_product(product, CollectionConfig(id="big"), store, scratch)
+
+    message = str(caught.value)
+    assert product.source_key in message
+    assert f"limits.max_pixels = {LimitSettings().max_pixels}" in message
+    assert "SKYVAULT_LIMITS__MAX_PIXELS" in message
+    assert not (store.root / "cogs").exists()
+    assert list(scratch.iterdir()) == []
+
+
+def test_pixel_and_band_limits_are_configurable(tmp_path: Path, store: StoreSettings, scratch: Path) -> None:
+    src = write_raster(
+        tmp_path / "five.tif", np.ones((5, 64, 64), "uint8"), transform=from_origin(10, 70, 0.01, 0.01)
+    )
+    product = land(store, "b", src)
+    collection = CollectionConfig(id="b")
+    with pytest.raises(RasterLimitError, match=r"b/five.*5 bands.*limits\.max_bands = 4"):
+        preprocess_product(product, collection, store, scratch, limits=LimitSettings(max_bands=4))
+    with pytest.raises(RasterLimitError, match=r"b/five.*64 x 64.*limits\.max_pixels = 4000"):
+        preprocess_product(product, collection, store, scratch, limits=LimitSettings(max_pixels=4000))
+    reprojected = CollectionConfig(id="b", target_crs="EPSG:3413")  # polar stereographic: more pixels
+    with pytest.raises(RasterLimitError, match=r"b/five.*reprojected to EPSG:3413.*limits\.max_pixels"):
+        preprocess_product(product, reprojected, store, scratch, limits=LimitSettings(max_pixels=64 * 64))
+
+    info = run(product, collection, store, scratch, limits=LimitSettings(max_bands=5, max_pixels=64 * 64))
+    with rasterio.open(cog_path(store, info)) as cog:
+        assert cog.count == 5
+
+
+def test_source_linked_out_of_the_store_is_never_converted(
+    rgb_4326: Path, store: StoreSettings, scratch: Path
+) -> None:
+    link = store.root / "landing" / "rgb" / "LINKED_1.tif"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(rgb_4326)
+    product = Product(collection="rgb", id="LINKED_1", source_key="landing/rgb/LINKED_1.tif")
+
+    with pytest.raises(LinkOutsideStoreError, match=r"'landing/rgb/LINKED_1\.tif'.*outside the store root"):
+        preprocess_product(product, CollectionConfig(id="rgb"), store, scratch)
+
+    assert not (store.root / "cogs").exists()
+
+    inside = land(store, "rgb", rgb_4326)
+    (store.root / "landing" / "rgb" / "ALIAS_1.tif").symlink_to(store.root / inside.source_key)
+    alias = Product(collection="rgb", id="ALIAS_1", source_key="landing/rgb/ALIAS_1.tif")
+    info = run(alias, CollectionConfig(id="rgb"), store, scratch)
+    assert info.source_sha256 == sha256(rgb_4326)
+
+
+def test_files_gdal_would_read_outside_the_store_are_refused(
+    rgb_4326: Path, tmp_path: Path, store: StoreSettings, scratch: Path
+) -> None:
+    vrt = tmp_path / "made" / "v.vrt"
+    vrt.parent.mkdir()
+    rasterio.shutil.copy(rgb_4326, vrt, driver="VRT")  # its source is a file outside the store
+    product = land(store, "rgb", vrt)
+    with pytest.raises(RasterError, match=r"rgb/v.*refers to files outside the store"):
+        preprocess_product(product, CollectionConfig(id="rgb"), store, scratch)
+
+    scene = land(store, "rgb", rgb_4326)
+    outside_overviews = tmp_path / "made" / "overviews.tif"
+    outside_overviews.write_bytes(rgb_4326.read_bytes())
+    (store.root / (scene.source_key + ".ovr")).symlink_to(outside_overviews)
+    with pytest.raises(RasterError, match=r"rgb/rgb_4326.*refers to files outside the store"):
+        preprocess_product(scene, CollectionConfig(id="rgb"), store, scratch)
+    assert not (store.root / "cogs").exists()
+
+
+def _noise(path: Path, compress: str) -> Path:
+    """A 1024 x 1024 3-band scene of 64 random rows repeated: DEFLATE cannot shrink it, ZSTD can."""
+    rows = np.random.default_rng(0).integers(0, 256, (3, 64, 1024), dtype="uint8")
+    profile: dict[str, Any] = {
+        "driver": "GTiff",
+        "width": 1024,
+        "height": 1024,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:4326",
+        "transform": from_origin(10, 46, 0.001, 0.001),
+        "tiled": True,
+        "blockxsize": 1024,
+        "blockysize": 1024,
+        "compress": compress,
+    }
+    if compress == "zstd":
+        profile["zstd_level"] = 19
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.tile(rows, (1, 16, 1)))
+    return path
+
+
+@pytest.mark.parametrize("compress", ["none", "zstd"], ids=["checked-up-front", "found-while-writing"])
+def test_full_scratch_disk_is_reported_with_path_and_bytes(
+    compress: str, tmp_path: Path, store: StoreSettings, small_fs: Path
+) -> None:
+    source = _noise(tmp_path / f"noise_{compress}.tif", compress)
+    product = land(store, "n", source)
+    scratch = small_fs / "scratch"
+
+    with pytest.raises(ScratchSpaceError) as caught:
+        preprocess_product(product, CollectionConfig(id="n"), store, scratch)
+
+    message = str(caught.value)
+    assert "n/noise_" in message
+    assert f"no space left on the scratch disk at {scratch}" in message
+    needed = int(re.search(r"needs about (\d+) bytes", message).group(1))  # type: ignore[union-attr]
+    assert needed > shutil.disk_usage(small_fs).free
+    assert "could not be converted" not in message
+    assert list(scratch.iterdir()) == []
+    assert not (store.root / "cogs").exists()
+
+
+KILLED_CONVERSION = """
+import sys, time
+from pathlib import Path
+from skyvault.cog import convert
+from skyvault.config.collections import CollectionConfig
+from skyvault.config.settings import StoreSettings
+from skyvault.models import Product
+
+def stop_here(*args, **kwargs):
+    print("converted", flush=True)
+    time.sleep(600)
+
+convert._set_source_sha256 = stop_here  # stop once the COG is in the scratch folder
+product = Product(collection="rgb", id="rgb_4326", source_key="landing/rgb/rgb_4326.tif")
+store = StoreSettings(root=Path(sys.argv[1]))
+convert.preprocess_product(product, CollectionConfig(id="rgb"), store, Path(sys.argv[2]))
+"""
+
+
+def test_scratch_folder_of_a_killed_conversion_is_removed_by_the_next_one(
+    rgb_4326: Path, float_utm: Path, store: StoreSettings, scratch: Path
+) -> None:
+    product = land(store, "rgb", rgb_4326)
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CONVERSION, str(store.root), str(scratch)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "converted"
+        (left,) = scratch.iterdir()
+        assert (left / "rgb_4326.tif").exists()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert left.exists(), "a killed conversion cannot clean up after itself"
+
+    other = land(store, "dem", float_utm)
+    run(other, CollectionConfig(id="dem"), store, scratch)  # asserts the scratch folder is empty after
+    assert not left.exists()
+    info = run(product, CollectionConfig(id="rgb"), store, scratch)
+    assert info.source_sha256 == sha256(rgb_4326)

@@ -95,11 +95,9 @@ def test_creation_options_follow_profile() -> None:
     assert opts["BIGTIFF"] == "IF_SAFER"
 
 
-def test_every_tileset_gets_a_limit_of_one() -> None:
+def test_io_tags_get_their_default_limits() -> None:
     s = Settings(collections={"a": {}, "b": {}})
     limits = tag_limits(s)
-    assert limits["tileset:a"] == 1
-    assert limits["tileset:b"] == 1
     assert limits["lts-write"] == 4
     assert limits["lts-read"] == 4
 

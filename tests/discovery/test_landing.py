@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from skyvault.config.collections import CollectionConfig
-from skyvault.config.settings import StoreSettings
+from skyvault.config.settings import LimitSettings, StoreSettings
 from skyvault.discovery.landing import discover, products_from_report
 from skyvault.errors import ConfigError, ObjectNotFoundError, ReportError, UnknownCollectionError
 from skyvault.models import Discovery, Product
@@ -476,3 +476,61 @@ def test_sidecar_without_filename_prefers_the_raster_among_same_stem_files(local
     assert (product.source_key, product.sidecar_key) == ("landing/scenes/x.tif", "landing/scenes/x.json")
     (single,) = products_from_report(local, collections(), "landing/scenes/x.json").products
     assert single == product
+
+
+def test_deep_and_oversized_sidecars_fail_alone_naming_the_limit(any_store: StoreSettings) -> None:
+    deep = b'{"name": "DEEP_1", "properties": ' + b"[" * 900 + b"]" * 900 + b"}"
+    put(
+        any_store,
+        {
+            "landing/scenes/DEEP_1.tif": b"x",
+            "landing/scenes/DEEP_1.json": deep,
+            "landing/scenes/BIG_1.tif": b"x",
+            "landing/scenes/BIG_1.json": sidecar(name="BIG_1", properties={"pad": "x" * 5000}),
+            "landing/scenes/BIGXML_1.tif": b"x",
+            "landing/scenes/BIGXML_1.xml": report(*[browse("BIGXML_1.tif")] * 20),
+            "landing/scenes/GOOD_1.tif": b"x",
+            "landing/scenes/GOOD_1.json": sidecar(name="GOOD_1", date="2026-05-01"),
+        },
+    )
+    found = discover(any_store, collections(), limits=LimitSettings(max_sidecar_bytes=4096))
+    assert [p.id for p in found.products] == ["GOOD_1"]
+    messages = {f.key: f.message for f in found.failures}
+    assert set(messages) == {
+        "landing/scenes/DEEP_1.json",
+        "landing/scenes/BIG_1.json",
+        "landing/scenes/BIGXML_1.xml",
+    }
+    assert "limits.max_nesting_depth = 64" in messages["landing/scenes/DEEP_1.json"]
+    assert "limits.max_sidecar_bytes = 4096" in messages["landing/scenes/BIG_1.json"]
+    assert "limits.max_sidecar_bytes = 4096" in messages["landing/scenes/BIGXML_1.xml"]
+
+    one = products_from_report(any_store, collections(), "landing/scenes/DEEP_1.json")
+    assert one.products == []
+    assert [f.key for f in one.failures] == ["landing/scenes/DEEP_1.json"]
+
+
+def test_links_out_of_a_local_store_fail_their_product_naming_the_key(
+    local: StoreSettings, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.tif").write_bytes(b"not yours")
+    (outside / "secret.json").write_bytes(sidecar(name="SECRET", filename="LINKED_1.tif"))
+    store = put(local, {"landing/scenes/GOOD_1.tif": b"x", "landing/scenes/inside.tif": b"y"})
+    folder = local.root / "landing" / "scenes"
+    os.symlink(outside / "secret.tif", folder / "LINKED_1.tif")
+    os.symlink(outside / "secret.json", folder / "LINKED_1.json")
+    os.symlink(folder / "inside.tif", folder / "ALIAS_1.tif")
+
+    found = discover(local, collections())
+
+    assert [p.id for p in found.products] == ["ALIAS_1", "GOOD_1", "inside"]
+    (failure,) = found.failures
+    assert failure.key == "landing/scenes/LINKED_1.json"
+    assert "outside the store root" in failure.message
+    assert "not yours" not in failure.message
+    assert store.get_bytes("landing/scenes/ALIAS_1.tif") == b"y"
+    single = products_from_report(local, collections(), "landing/scenes/LINKED_1.json")
+    assert single.products == []
+    assert "'landing/scenes/LINKED_1.json'" in single.failures[0].message

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from skyvault.config.settings import LimitSettings
 from skyvault.discovery.reports import (
     NS_BROWSE_REPORT,
     NS_BROWSE_REPORT_OLD,
@@ -13,7 +14,7 @@ from skyvault.discovery.reports import (
     parse_newitem,
     parse_time,
 )
-from skyvault.errors import ReportError
+from skyvault.errors import ReportError, ReportLimitError
 
 UTC = dt.UTC
 
@@ -301,9 +302,55 @@ def test_newitem_bad_date_names_the_product(date: object) -> None:
         (b"[1, 2]", "must hold a JSON object"),
         (newitem(name=7), "name must be a string"),
         (newitem(properties=[1]), "properties must be an object"),
-        (b"[" * 100_000 + b"]" * 100_000, "not valid UTF-8 JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested deeper than the limit limits.max_nesting_depth = 64"),
     ],
 )
 def test_newitem_malformed_names_the_sidecar(data: bytes, match: str) -> None:
     with pytest.raises(ReportError, match=rf"landing/dem/x\.json.*{match}"):
         parse_newitem(data, "landing/dem/x.json")
+
+
+def nested(depth: int) -> bytes:
+    """A ``/newitem`` sidecar whose properties nest ``depth`` levels (objects and arrays)."""
+    return (
+        b'{"name": "DEEP_1", "properties": ' + b'{"a": [' * (depth // 2) + b"1" + b"]}" * (depth // 2) + b"}"
+    )
+
+
+def test_sidecar_nested_too_deep_fails_naming_the_limit_before_parsing() -> None:
+    with pytest.raises(ReportLimitError, match=r"sidecar 'landing/dem/x\.json' is nested deeper") as caught:
+        parse_newitem(nested(900), "landing/dem/x.json")
+    assert "limits.max_nesting_depth = 64" in str(caught.value)
+    assert "SKYVAULT_LIMITS__MAX_NESTING_DEPTH" in str(caught.value)
+
+    raised = LimitSettings(max_nesting_depth=200)
+    item = parse_newitem(nested(120), "landing/dem/x.json", limits=raised)
+    assert item.name == "DEEP_1"
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    text = json.dumps({"name": "x", "properties": {"note": "[[[[{{{{" * 50, "quote": '\\"[[[['}})
+    item = parse_newitem(text.encode(), "landing/dem/x.json", limits=LimitSettings(max_nesting_depth=2))
+    assert item.properties["note"].startswith("[[[[")
+
+
+def test_browse_report_nested_too_deep_fails_naming_the_limit() -> None:
+    deep = "<rep:x>" * 70 + "</rep:x>" * 70
+    data = report(browse("a.tif")).replace(b"</rep:browseReport>", deep.encode() + b"</rep:browseReport>")
+    with pytest.raises(ReportLimitError, match=r"browse report 'landing/c/r\.xml' is nested deeper"):
+        parse_browse_report(data, "landing/c/r.xml")
+    parsed = parse_browse_report(data, "landing/c/r.xml", limits=LimitSettings(max_nesting_depth=80))
+    assert [b.file_name for b in parsed.browses] == ["a.tif"]
+
+
+def test_oversized_sidecar_and_report_fail_naming_the_limit() -> None:
+    small = LimitSettings(max_sidecar_bytes=1000)
+    big_item = newitem(properties={"padding": "x" * 2000})
+    with pytest.raises(ReportLimitError, match=r"sidecar 'landing/dem/x\.json' is \d+ bytes") as caught:
+        parse_newitem(big_item, "landing/dem/x.json", limits=small)
+    assert "limits.max_sidecar_bytes = 1000" in str(caught.value)
+    assert "SKYVAULT_LIMITS__MAX_SIDECAR_BYTES" in str(caught.value)
+    big_report = report(*[browse(f"{i}.tif") for i in range(10)])
+    with pytest.raises(ReportLimitError, match=r"browse report 'landing/c/r\.xml' is \d+ bytes"):
+        parse_browse_report(big_report, "landing/c/r.xml", limits=small)
+    assert parse_newitem(big_item, "landing/dem/x.json").properties["padding"] == "x" * 2000

@@ -1,14 +1,29 @@
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import rasterio
 
+from skyvault.config.collections import CollectionConfig
 from skyvault.config.settings import StoreSettings
-from skyvault.errors import BucketNotFoundError, ObjectNotFoundError, StorageError
+from skyvault.errors import (
+    BucketNotFoundError,
+    LinkOutsideStoreError,
+    ObjectNotFoundError,
+    StorageError,
+    TransientError,
+    TransientStorageError,
+)
 from skyvault.storage.store import LocalStore, ObjectStore, S3Store, open_store
+from skyvault.tasks.discovery import discover as discover_task
+from tests.storage.s3_faults import Action, FaultyS3Proxy
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -123,3 +138,315 @@ def test_local_listing_hides_partial_writes(tmp_path: Path) -> None:
     store.put_bytes("a/x", b"1")
     (tmp_path / "store" / "a" / ".x.abc.part").write_bytes(b"half")
     assert [o.key for o in store.list("a/")] == ["a/x"]
+
+
+# --- links out of a local store ------------------------------------------------------------------
+
+
+@pytest.fixture
+def linked(tmp_path: Path) -> LocalStore:
+    """A local store whose landing folder holds links out of the root and one link inside it."""
+    outside = tmp_path / "outside"
+    (outside / "folder").mkdir(parents=True)
+    (outside / "secret.tif").write_bytes(b"outside data")
+    (outside / "folder" / "x.tif").write_bytes(b"outside folder data")
+    store = LocalStore(tmp_path / "store")
+    store.put_bytes("landing/c/inside.tif", b"inside data")
+    folder = tmp_path / "store" / "landing" / "c"
+    os.symlink(outside / "secret.tif", folder / "out.tif")
+    os.symlink(outside / "folder", folder / "outdir")
+    os.symlink(folder / "inside.tif", folder / "alias.tif")
+    return store
+
+
+def test_local_store_never_reads_through_a_link_out_of_its_root(linked: LocalStore, tmp_path: Path) -> None:
+    reads: list[Callable[[str], object]] = [
+        linked.get_bytes,
+        linked.head,
+        linked.exists,
+        linked.gdal_path,
+        lambda key: linked.get_file(key, tmp_path / "copy"),
+        lambda key: linked.open_read(key).__enter__(),
+    ]
+    for key in ("landing/c/out.tif", "landing/c/outdir/x.tif"):
+        for read in reads:
+            with pytest.raises(LinkOutsideStoreError, match=re.escape(repr(key))) as caught:
+                read(key)
+            assert "outside the store root" in str(caught.value)
+    assert not (tmp_path / "copy").exists()
+
+
+def test_local_store_follows_links_inside_its_root(linked: LocalStore) -> None:
+    assert linked.get_bytes("landing/c/alias.tif") == b"inside data"
+    with linked.open_read("landing/c/alias.tif") as f:
+        assert f.read() == b"inside data"
+    info = linked.head("landing/c/alias.tif")
+    assert info is not None
+    assert info.size == len(b"inside data")
+    assert linked.gdal_path("landing/c/alias.tif") == linked.gdal_path("landing/c/inside.tif")
+
+
+def test_local_listing_shows_a_link_out_without_following_it(linked: LocalStore) -> None:
+    listed = {o.key: o for o in linked.list("landing/")}
+    assert sorted(listed) == ["landing/c/alias.tif", "landing/c/inside.tif", "landing/c/out.tif"]
+    assert listed["landing/c/out.tif"].size != len(b"outside data")
+    assert listed["landing/c/alias.tif"].size == len(b"inside data")
+
+
+def test_local_store_never_writes_or_deletes_through_a_linked_folder(
+    linked: LocalStore, tmp_path: Path
+) -> None:
+    src = tmp_path / "new.tif"
+    src.write_bytes(b"new")
+    with pytest.raises(LinkOutsideStoreError, match=r"landing/c/outdir/y\.tif"):
+        linked.put_bytes("landing/c/outdir/y.tif", b"new")
+    with pytest.raises(LinkOutsideStoreError, match=r"landing/c/outdir/y\.tif"):
+        linked.put_file("landing/c/outdir/y.tif", src)
+    with pytest.raises(LinkOutsideStoreError, match=r"landing/c/outdir/x\.tif"):
+        linked.delete("landing/c/outdir/x.tif")
+    assert sorted(p.name for p in (tmp_path / "outside" / "folder").iterdir()) == ["x.tif"]
+
+    linked.put_bytes("landing/c/out.tif", b"replaced")  # replaces the link itself
+    assert (tmp_path / "outside" / "secret.tif").read_bytes() == b"outside data"
+    assert linked.get_bytes("landing/c/out.tif") == b"replaced"
+    os.symlink(tmp_path / "outside" / "secret.tif", tmp_path / "store" / "landing" / "c" / "gone.tif")
+    linked.delete("landing/c/gone.tif")  # removes the link, never its target
+    assert (tmp_path / "outside" / "secret.tif").read_bytes() == b"outside data"
+
+
+def test_local_listing_refuses_a_prefix_that_leads_out(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere" / "c").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "c" / "a.tif").write_bytes(b"x")
+    store = LocalStore(tmp_path / "store")
+    store.put_bytes("cogs/c/a.tif", b"x")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "store" / "landing")
+    with pytest.raises(LinkOutsideStoreError, match="landing/"):
+        list(store.list("landing/"))
+    assert [o.key for o in store.list("")] == ["cogs/c/a.tif"]
+
+
+# --- S3 faults: cut bodies, closed connections, timeouts -----------------------------------------
+
+
+@pytest.fixture
+def proxy(moto_endpoint: str) -> Iterator[FaultyS3Proxy]:
+    p = FaultyS3Proxy(moto_endpoint)
+    p.start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def through(proxy: FaultyS3Proxy, settings: StoreSettings, max_attempts: int) -> S3Store:
+    """The bucket of ``settings`` reached through ``proxy``, with short timeouts."""
+    return S3Store(
+        settings.model_copy(
+            update={
+                "endpoint_url": proxy.url,
+                "max_attempts": max_attempts,
+                "read_timeout_seconds": 0.5,
+                "connect_timeout_seconds": 0.5,
+            }
+        )
+    )
+
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+
+
+def _get_bytes(store: ObjectStore, key: str, tmp: Path) -> bytes:
+    return store.get_bytes(key)
+
+
+def _open_read(store: ObjectStore, key: str, tmp: Path) -> bytes:
+    with store.open_read(key) as f:
+        return f.read()
+
+
+def _get_file(store: ObjectStore, key: str, tmp: Path) -> bytes:
+    store.get_file(key, tmp / "download")
+    return (tmp / "download").read_bytes()
+
+
+READS = pytest.mark.parametrize("read", [_get_bytes, _open_read, _get_file], ids=lambda f: f.__name__[1:])
+
+
+@READS
+@pytest.mark.parametrize("action", ["cut", "stall-body"])
+def test_s3_body_cut_or_stalled_while_read_is_transient_and_not_retried_inside(
+    read: Callable[[ObjectStore, str, Path], bytes],
+    action: Action,
+    proxy: FaultyS3Proxy,
+    s3_store_settings: StoreSettings,
+    tmp_path: Path,
+) -> None:
+    open_store(s3_store_settings).put_bytes("landing/c/big.tif", PAYLOAD)
+    store = through(proxy, s3_store_settings, max_attempts=3)
+    proxy.fail("GET", action, key="big.tif", seconds=2)
+
+    with pytest.raises(TransientStorageError, match=r"'landing/c/big\.tif' in bucket") as caught:
+        read(store, "landing/c/big.tif", tmp_path)
+
+    assert isinstance(caught.value, TransientError)
+    assert proxy.count("GET", "big.tif") == 1, "a body error is left to the task retry policy"
+    assert not (tmp_path / "download").exists()
+    assert read(store, "landing/c/big.tif", tmp_path) == PAYLOAD
+
+
+@READS
+@pytest.mark.parametrize("action", ["close", "stall"])
+def test_s3_closed_connection_and_read_timeout_are_transient(
+    read: Callable[[ObjectStore, str, Path], bytes],
+    action: Action,
+    proxy: FaultyS3Proxy,
+    s3_store_settings: StoreSettings,
+    tmp_path: Path,
+) -> None:
+    open_store(s3_store_settings).put_bytes("landing/c/big.tif", PAYLOAD)
+    store = through(proxy, s3_store_settings, max_attempts=2)
+    proxy.fail("GET", action, key="big.tif", times=2, seconds=2)
+
+    with pytest.raises(TransientStorageError, match=r"'landing/c/big\.tif' in bucket"):
+        read(store, "landing/c/big.tif", tmp_path)
+
+    assert proxy.count("GET", "big.tif") == 2, "the client makes exactly max_attempts attempts"
+    assert read(store, "landing/c/big.tif", tmp_path) == PAYLOAD
+
+
+def test_s3_client_retries_a_request_whose_connection_closed(
+    proxy: FaultyS3Proxy, s3_store_settings: StoreSettings
+) -> None:
+    open_store(s3_store_settings).put_bytes("landing/c/a.json", b"{}")
+    store = through(proxy, s3_store_settings, max_attempts=3)
+    proxy.fail("GET", "close", key="a.json")
+    proxy.fail("PUT", "stall", key="b.json", seconds=2)
+
+    assert store.get_bytes("landing/c/a.json") == b"{}"
+    store.put_bytes("landing/c/b.json", b"[]")
+
+    assert proxy.count("GET", "a.json") == 2
+    assert proxy.count("PUT", "b.json") == 2
+    assert open_store(s3_store_settings).get_bytes("landing/c/b.json") == b"[]"
+
+
+@pytest.fixture
+def refusing_port() -> int:
+    """A loopback port nobody listens on: connections are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A loopback port whose accept queue is full: new connections never complete."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = int(server.getsockname()[1])
+    queued = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(("127.0.0.1", port))
+        queued.append(c)
+    try:
+        yield port
+    finally:
+        for c in queued:
+            c.close()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("port", "cause"),
+    [("refusing_port", "EndpointConnectionError"), ("silent_port", "ConnectTimeoutError")],
+    ids=["refused", "connect-timeout"],
+)
+def test_s3_unreachable_endpoint_is_transient(
+    port: str, cause: str, s3_store_settings: StoreSettings, request: pytest.FixtureRequest
+) -> None:
+    endpoint = f"http://127.0.0.1:{request.getfixturevalue(port)}"
+    store = S3Store(
+        s3_store_settings.model_copy(
+            update={"endpoint_url": endpoint, "max_attempts": 1, "connect_timeout_seconds": 0.5}
+        )
+    )
+    with pytest.raises(TransientStorageError, match=rf"'landing/c/a\.json'.*{cause}") as caught:
+        store.get_bytes("landing/c/a.json")
+    assert type(caught.value.__cause__).__name__ == cause
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "error"),
+    [(403, "AccessDenied", StorageError), (404, "NoSuchKey", ObjectNotFoundError)],
+)
+def test_s3_permanent_errors_are_not_retried(
+    status: int,
+    code: str,
+    error: type[StorageError],
+    proxy: FaultyS3Proxy,
+    s3_store_settings: StoreSettings,
+) -> None:
+    open_store(s3_store_settings).put_bytes("landing/c/a.json", b"{}")
+    store = through(proxy, s3_store_settings, max_attempts=3)
+    proxy.fail("GET", "status", key="a.json", status=status, code=code, times=5)
+
+    with pytest.raises(error, match=r"landing/c/a\.json") as caught:
+        store.get_bytes("landing/c/a.json")
+
+    assert not isinstance(caught.value, TransientError)
+    assert proxy.count("GET", "a.json") == 1
+
+
+def test_s3_server_errors_are_transient_after_the_client_attempts(
+    proxy: FaultyS3Proxy, s3_store_settings: StoreSettings
+) -> None:
+    open_store(s3_store_settings).put_bytes("landing/c/a.json", b"{}")
+    store = through(proxy, s3_store_settings, max_attempts=2)
+    proxy.fail("GET", "status", key="a.json", status=503, code="SlowDown", times=2)
+
+    with pytest.raises(TransientStorageError, match="SlowDown"):
+        store.get_bytes("landing/c/a.json")
+
+    assert proxy.count("GET", "a.json") == 2
+    assert store.get_bytes("landing/c/a.json") == b"{}"
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_cut_get_is_retried_by_the_task_policy_and_the_task_succeeds(
+    proxy: FaultyS3Proxy, s3_store_settings: StoreSettings
+) -> None:
+    direct = open_store(s3_store_settings)
+    direct.put_bytes("landing/scenes/A.tif", b"x")
+    direct.put_bytes("landing/scenes/A.json", b'{"name": "A_1", "date": "2026-05-01", "properties": {}}')
+    settings = through(proxy, s3_store_settings, max_attempts=3).settings
+    collections = {"scenes": CollectionConfig(id="scenes")}
+    proxy.fail("GET", "cut", key="A.json")
+
+    found = discover_task(settings, collections)
+
+    assert [p.id for p in found.products] == ["A_1"]
+    assert found.failures == []
+    assert proxy.count("GET", "A.json") == 2  # the cut one, then the task's retry
+
+    listings = proxy.count("GET", "list-type")
+    proxy.fail("GET", "status", key="list-type", status=403, code="AccessDenied", times=10)
+    with pytest.raises(StorageError, match="AccessDenied") as caught:
+        discover_task(settings, collections)
+    assert not isinstance(caught.value, TransientError)
+    assert proxy.count("GET", "list-type") == listings + 1  # neither the client nor the task retried
+
+
+def test_s3_stores_of_one_process_share_one_client_per_settings(s3_store_settings: StoreSettings) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        stores = list(pool.map(lambda _: S3Store(s3_store_settings), range(16)))
+    assert len({id(s._client) for s in stores}) == 1
+    other = StoreSettings.model_validate({**s3_store_settings.model_dump(), "access_key_id": "someone-else"})
+    assert S3Store(other)._client is not stores[0]._client
+    stores[0].put_bytes("shared/a.txt", b"a")
+    assert stores[-1].get_bytes("shared/a.txt") == b"a"
