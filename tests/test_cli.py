@@ -16,7 +16,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from rasterio.transform import from_origin
 
 from skyvault.cli import TEMPORARY_SERVER, main
-from skyvault.config.provision import limit_name, provision_tag_limits, tileset_tag
+from skyvault.config.provision import limit_name, provision_tag_limits
 from skyvault.config.settings import Settings, StoreSettings
 from skyvault.samples import write_samples
 from skyvault.storage.store import open_store
@@ -90,12 +90,12 @@ def test_the_command_uses_the_server_in_prefect_api_url_and_provisions_its_limit
         with get_client(sync_client=True) as client:
             limits = {
                 tag: client.read_global_concurrency_limit_by_name(limit_name(tag)).limit
-                for tag in ["lts-write", "data-catalog", "catalog-write", tileset_tag(collection)]
+                for tag in ["lts-write", "data-catalog", "catalog-write"]
             }
             runs = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["archive/ds-cli-url"]))
             )
-        assert limits == {"lts-write": 3, "data-catalog": 2, "catalog-write": 4, tileset_tag(collection): 1}
+        assert limits == {"lts-write": 3, "data-catalog": 2, "catalog-write": 4}
         assert [r.state_type.value for r in runs if r.state_type] == ["COMPLETED"]
     finally:
         provision_tag_limits(Settings())

@@ -2,11 +2,10 @@
 
 Prefect treats a tag without a limit as unlimited, so every tag a skyvault task carries gets one
 here: the tags of ``settings.concurrency.tag_limits`` (``lts-read``, ``lts-write``,
-``object-store-read``, ``object-store-write``, ``catalog-write``, ``data-catalog``) and one
-``tileset:<collection>`` per configured collection. A tag limit is the global concurrency limit
-named ``tag:<tag>``. Provisioning is an upsert: a missing limit is created, one with another value
-or switched off is updated, and running it again changes nothing. The ``skyvault`` command runs it
-before every flow; run it once for a server that deployments use.
+``object-store-read``, ``object-store-write``, ``catalog-write``, ``data-catalog``). A tag limit
+is the global concurrency limit named ``tag:<tag>``. Provisioning is an upsert: a missing limit is
+created, one with another value or switched off is updated, and running it again changes nothing.
+The ``skyvault`` command runs it before every flow; run it once for a server that deployments use.
 """
 
 from __future__ import annotations
@@ -20,11 +19,6 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from skyvault.config.settings import Settings
 
 
-def tileset_tag(collection_id: str) -> str:
-    """The concurrency tag that keeps one seeder per tileset."""
-    return f"tileset:{collection_id}"
-
-
 def limit_name(tag: str) -> str:
     """The name of the global concurrency limit Prefect applies to task runs tagged ``tag``."""
     return f"tag:{tag}"
@@ -32,10 +26,7 @@ def limit_name(tag: str) -> str:
 
 def tag_limits(settings: Settings) -> dict[str, int]:
     """Every tag concurrency limit skyvault needs, by tag."""
-    limits = dict(settings.concurrency.tag_limits)
-    for collection_id in settings.collections:
-        limits[tileset_tag(collection_id)] = settings.concurrency.tileset_limit
-    return limits
+    return dict(settings.concurrency.tag_limits)
 
 
 @dataclass(frozen=True)

@@ -2,18 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from skyvault.config.settings import Settings, get_settings
 from skyvault.models import BBox, SeedChunk, SeedRequest, SeedResult
+from skyvault.storage.store import open_store
 from skyvault.tasks.catalog import search_items
-from skyvault.tasks.tiles import tileset_seeder, write_tilejsons
-from skyvault.tiles.seeding import combine_results, plan_seed
+from skyvault.tasks.tiles import render_chunk, write_tilejsons
+from skyvault.tiles.seeding import combine_results, plan_seed, seed_lock_key
+
+#: Chunks planned per worker, so that workers finishing early pick up the remaining work.
+CHUNKS_PER_WORKER = 4
+
+
+@contextlib.contextmanager
+def _layer_locks(settings: Settings, collection: str, layers: Iterable[str]) -> Iterator[None]:
+    """Hold the store lock of every layer (in sorted order, so two seeds never deadlock)."""
+    store, locks = open_store(settings.store), settings.locks
+    with contextlib.ExitStack() as stack:
+        for layer in sorted(layers):
+            stack.enter_context(
+                store.lock(
+                    seed_lock_key(collection, layer),
+                    lease_seconds=locks.lease_seconds,
+                    timeout_seconds=locks.wait_seconds,
+                )
+            )
+        yield
+
+
+def _layer_chunks(chunks: Sequence[SeedChunk]) -> list[SeedChunk]:
+    """One chunk per layer, without its tiles: what the TileJSON documents need."""
+    layers: dict[str, SeedChunk] = {}
+    for chunk in chunks:
+        layers.setdefault(chunk.time_key, chunk.model_copy(update={"tiles": ()}))
+    return list(layers.values())
 
 
 def run_seed(
@@ -21,22 +52,43 @@ def run_seed(
 ) -> tuple[SeedResult, list[dict[str, Any]], list[SeedChunk]]:
     """Seed the tiles a request covers, from inside a running flow (``seed`` or ``process-product``).
 
+    The layers' locks are held from the first tile to the TileJSON, so two seeds of one layer take
+    turns (the second skips what the first wrote, unless ``force``) while seeds of other layers run
+    alongside. Chunks render ``concurrency.seed_workers`` at a time, each a task.
+
     Returns the combined result, the items found and the chunks rendered.
     """
     collection = request.collection
     config = settings.collection(collection)
-    force = request.force
+    workers = settings.concurrency.seed_workers
     items = search_items(
         collection, settings.catalog, settings.store, start=request.start, end=request.end, bbox=request.bbox
     )
     # Not narrowed by item_ids: every item of a layer is needed to render its mosaic; plan_seed
     # narrows the tiles to the requested items.
-    chunks = plan_seed(items, request, config, previous=previous_items)
-    seeder = tileset_seeder(config)
-    futures = [seeder.submit(chunk, config, settings.store, force=force) for chunk in chunks]
-    total = combine_results(collection, [f.result() for f in futures])
-    if chunks:
-        write_tilejsons(chunks, config, settings.store)
+    chunks = plan_seed(
+        items, request, config, previous=previous_items, min_chunks=CHUNKS_PER_WORKER * workers
+    )
+    if not chunks:
+        return combine_results(collection, []), items, chunks
+    with _layer_locks(settings, collection, {c.time_key for c in chunks}):
+        # quote(): the task engine need not walk every tile of every chunk looking for futures
+        runner: ThreadPoolTaskRunner[SeedResult] = ThreadPoolTaskRunner(max_workers=workers)
+        with runner:
+            futures = [
+                runner.submit(
+                    render_chunk,
+                    {
+                        "chunk": quote(chunk),
+                        "collection": config,
+                        "store": settings.store,
+                        "force": request.force,
+                    },
+                )
+                for chunk in chunks
+            ]
+            total = combine_results(collection, [f.result() for f in futures])
+        write_tilejsons(_layer_chunks(chunks), config, settings.store)
     return total, items, chunks
 
 
@@ -61,9 +113,10 @@ def seed(
 ) -> SeedResult:
     """Render the tiles of every item of ``collection`` in the interval, many tiles per task.
 
-    Existing tiles are skipped unless ``force``; tiles with no data are not written. One seeder
-    per tileset runs at a time (tag ``tileset:<collection>``). ``previous_items`` are the former
-    versions of replaced items, whose old extent is re-rendered (or cleared) too.
+    Existing tiles are skipped unless ``force``; tiles with no data are not written. Chunks render
+    in parallel (``concurrency.seed_workers``); one seeder per layer runs at a time (a store lock).
+    ``previous_items`` are the former versions of replaced items, whose old extent is re-rendered
+    (or cleared) too.
     """
     settings = get_settings()
     request = SeedRequest(

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import task
 
 from skyvault.config.collections import CollectionConfig
-from skyvault.config.provision import tileset_tag
 from skyvault.config.settings import StoreSettings
 from skyvault.models import SeedChunk, SeedResult
 from skyvault.tasks.policy import TASK_POLICY
@@ -16,7 +13,6 @@ from skyvault.tiles import seeding
 
 @task(
     name="render-chunk",
-    tags=["object-store-read", "object-store-write"],
     task_run_name="seed/{chunk.collection}/{chunk.time_key}/{chunk.index}",
     **TASK_POLICY,
 )
@@ -25,17 +21,16 @@ def render_chunk(
 ) -> SeedResult:
     """Task: :func:`skyvault.tiles.seeding.render_chunk`.
 
-    Submit it through :func:`tileset_seeder` so the run carries the ``tileset:<collection>`` tag.
+    No concurrency tag: a seed bounds its own parallel chunks (``concurrency.seed_workers``) and
+    holds its layers' locks for the whole run, so a chunk never waits for a slot.
     """
     return seeding.render_chunk(chunk, collection, store, force=force)
 
 
-def tileset_seeder(collection: CollectionConfig) -> Any:
-    """:func:`render_chunk` tagged ``tileset:<collection>`` (the one-seeder-per-tileset lock)."""
-    return render_chunk.with_options(tags={*render_chunk.tags, tileset_tag(collection.id)})
-
-
-@task(name="write-tilejsons", tags=["object-store-write"], **TASK_POLICY)
+@task(name="write-tilejsons", **TASK_POLICY)
 def write_tilejsons(chunks: list[SeedChunk], collection: CollectionConfig, store: StoreSettings) -> list[str]:
-    """Task: :func:`skyvault.tiles.seeding.write_tilejsons`."""
+    """Task: :func:`skyvault.tiles.seeding.write_tilejsons`.
+
+    No concurrency tag: one small write per layer, made while the seed holds the layer's lock.
+    """
     return seeding.write_tilejsons(chunks, collection, store)

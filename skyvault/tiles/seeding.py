@@ -3,7 +3,12 @@
 Items (STAC item dicts) that share a time key form one *layer*; a layer's tiles are a mosaic of
 all its items (first valid pixel wins), so two products of one time never blank each other out.
 Keys: ``tiles/<collection>/WebMercatorQuad/<time-key>/<z>/<x>/<y>.<png|webp>`` plus a TileJSON
-per layer at ``tiles/<collection>/WebMercatorQuad/<time-key>/tilejson.json``.
+per layer at ``tiles/<collection>/WebMercatorQuad/<time-key>/tilejson.json``; a seeder holds the
+store lock ``locks/tiles/<collection>/<time-key>`` of each layer it renders.
+
+Rendering goes block by block: a block of tiles of one zoom, up to ``BLOCK_PIXELS`` px square, is
+warped in one read (rio-tiler's grid, ``WarpedVRT`` options and masks), mosaicked and cut into
+tiles; 8-bit PNG tiles are encoded by :mod:`skyvault.tiles.png`, others by rio-tiler.
 """
 
 from __future__ import annotations
@@ -21,13 +26,17 @@ import morecantile
 import numpy as np
 import rasterio
 import shapely
+from rasterio.dtypes import dtype_ranges
+from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
-from rio_tiler.colormap import cmap
-from rio_tiler.errors import EmptyMosaicError, NoOverviewWarning, RioTilerError, TileOutsideBounds
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
+from rio_tiler.colormap import apply_cmap, cmap
+from rio_tiler.errors import NoOverviewWarning, RioTilerError
 from rio_tiler.io import Reader
 from rio_tiler.models import ImageData
-from rio_tiler.mosaic import mosaic_reader
 from rio_tiler.reader import Options
+from rio_tiler.utils import get_vrt_transform, has_alpha_band, normalize_bounds
 from shapely.geometry import Polygon, box, shape
 from shapely.geometry.base import BaseGeometry
 
@@ -37,12 +46,12 @@ from skyvault.config.settings import StoreSettings
 from skyvault.errors import (
     ConfigError,
     InvalidSeedRequestError,
-    ObjectNotFoundError,
     TilingError,
 )
 from skyvault.items import bbox_parts, interval_overlaps, item_interval
 from skyvault.models import BBox, ItemRef, SeedChunk, SeedRequest, SeedResult
 from skyvault.storage.store import ObjectStore, open_store
+from skyvault.tiles.png import encodable, encode_png
 
 TMS_ID = "WebMercatorQuad"
 TMS = morecantile.tms.get(TMS_ID)
@@ -53,6 +62,10 @@ _EAST_SHIFT = np.array([360.0, 0.0])
 _WORLD = box(-180.0, -_LAT_LIMIT, 180.0, _LAT_LIMIT)
 _CONTENT_TYPES = {"png": "image/png", "webp": "image/webp"}
 _RESAMPLING = {"cubicspline": "cubic_spline"}
+#: Pixels per side of one read: a block of tiles of one zoom is warped at once, then cut up.
+BLOCK_PIXELS = 1024
+#: The fewest tiles worth a task of their own when a layer is split for parallel renderers.
+MIN_CHUNK_TILES = 64
 
 Tile = tuple[int, int, int]
 
@@ -74,6 +87,11 @@ def tile_key(collection_id: str, layer: str, tile: Tile, fmt: str = "png") -> st
 def tilejson_key(collection_id: str, layer: str) -> str:
     """The object key of a layer's TileJSON document."""
     return f"{layer_prefix(collection_id, layer)}/tilejson.json"
+
+
+def seed_lock_key(collection_id: str, layer: str) -> str:
+    """The store lock held while a layer is seeded: ``locks/tiles/<collection>/<time-key>``."""
+    return f"locks/tiles/{collection_id}/{layer}"
 
 
 # --- time -----------------------------------------------------------------------------------------
@@ -148,8 +166,16 @@ def footprint_parts(item: dict[str, Any]) -> list[Polygon]:
 
 
 def _tile_boxes(tiles: Sequence[Tile]) -> np.ndarray:
-    bounds = [TMS.bounds(morecantile.Tile(x, y, z)) for z, x, y in tiles]
-    return np.asarray(shapely.box(*np.asarray(bounds, dtype="float64").T))
+    """Lon/lat boxes of the tiles; a tile's west/east depend on its column only, south/north on its row."""
+    cols: dict[tuple[int, int], tuple[float, float]] = {}
+    rows: dict[tuple[int, int], tuple[float, float]] = {}
+    for z, x, y in tiles:
+        if (z, x) not in cols or (z, y) not in rows:
+            b = TMS.bounds(morecantile.Tile(x, y, z))
+            cols[(z, x)], rows[(z, y)] = (b.left, b.right), (b.bottom, b.top)
+    bounds = [(*cols[(z, x)], *rows[(z, y)]) for z, x, y in tiles]
+    west, east, south, north = np.asarray(bounds, dtype="float64").T
+    return np.asarray(shapely.box(west, south, east, north))
 
 
 def _overlaps(geom: BaseGeometry, boxes: np.ndarray) -> np.ndarray:
@@ -229,6 +255,36 @@ def _union_bounds(parts: Iterable[BaseGeometry]) -> BBox | None:
     return (float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max()))
 
 
+def block_side(collection: CollectionConfig) -> int:
+    """Tiles per side of a block: the up to ``n x n`` tiles of one zoom rendered from one read."""
+    return max(1, BLOCK_PIXELS // collection.render.tile_size)
+
+
+def _group_tiles(tiles: Iterable[Tile], chunk_size: int, min_chunks: int, side: int) -> list[list[Tile]]:
+    """Split tiles into chunks of whole blocks: at most ``chunk_size``, about ``min_chunks`` or more."""
+    blocks: dict[tuple[int, int, int], list[Tile]] = defaultdict(list)
+    for z, x, y in sorted(tiles):
+        blocks[(z, x // side, y // side)].append((z, x, y))
+    total = sum(len(b) for b in blocks.values())
+    count = max(math.ceil(total / chunk_size), min(min_chunks, math.ceil(total / MIN_CHUNK_TILES)))
+    groups: list[list[Tile]] = []
+    current: list[Tile] = []
+    done = 0
+    for key in sorted(blocks):
+        block = blocks[key]
+        for piece in (block[i : i + chunk_size] for i in range(0, len(block), chunk_size)):
+            if current and len(current) + len(piece) > chunk_size:
+                groups.append(current)
+                done, current = done + len(current), []
+            current.extend(piece)
+            if done + len(current) >= (len(groups) + 1) * total / count:
+                groups.append(current)
+                done, current = done + len(current), []
+    if current:
+        groups.append(current)
+    return groups
+
+
 def plan_seed(
     items: list[dict[str, Any]],
     request: SeedRequest,
@@ -236,6 +292,7 @@ def plan_seed(
     chunk_size: int = 256,
     *,
     previous: Sequence[dict[str, Any]] = (),
+    min_chunks: int = 1,
 ) -> list[SeedChunk]:
     """Plan the tiles to render for a seed request, grouped by layer and chunked.
 
@@ -246,6 +303,10 @@ def plan_seed(
     ``previous`` are the former versions of replaced items: their footprints add tiles to their
     layer (so a forced re-seed re-renders or deletes what only the old extent covered) but they
     take no part in any mosaic.
+
+    A chunk holds at most ``chunk_size`` tiles, in whole blocks (the tiles one read renders, see
+    :func:`block_side`); a layer is split into about ``min_chunks`` chunks of equal size when it
+    has enough tiles, so that that many renderers share it evenly.
 
     Raises:
         InvalidSeedRequestError: the request names another collection, a bad zoom range or
@@ -258,8 +319,10 @@ def plan_seed(
         raise InvalidSeedRequestError(
             f"seed request for collection {request.collection!r} planned with collection {collection.id!r}"
         )
-    if chunk_size < 1:
-        raise InvalidSeedRequestError(f"seed request for {collection.id!r}: chunk_size must be >= 1")
+    if chunk_size < 1 or min_chunks < 1:
+        raise InvalidSeedRequestError(
+            f"seed request for {collection.id!r}: chunk_size and min_chunks must be >= 1"
+        )
     lo, hi = zoom_range(request, collection)
     area = [box(*p) for p in bbox_parts(request.bbox)] if request.bbox is not None else [_WORLD]
 
@@ -290,8 +353,7 @@ def plan_seed(
         bounds = _union_bounds(regions)
         if not tiles or bounds is None:
             continue
-        ordered = sorted(tiles)
-        groups = [ordered[i : i + chunk_size] for i in range(0, len(ordered), chunk_size)]
+        groups = _group_tiles(tiles, chunk_size, min_chunks, block_side(collection))
         for index, group in enumerate(groups):
             boxes = _tile_boxes(group)
             keys: list[str] = []
@@ -370,53 +432,227 @@ def _existing(store: ObjectStore, chunk: SeedChunk, fmt: str) -> set[str]:
     return found
 
 
-def _render_tile(
-    readers: _Readers,
-    chunk: SeedChunk,
-    collection: CollectionConfig,
-    tile: Tile,
-    colormap: Any,
-) -> bytes | None:
-    """The encoded tile, or None when no source pixel falls in it."""
-    z, x, y = tile
+def _blocks(tiles: Iterable[Tile], side: int) -> list[list[Tile]]:
+    """The tiles grouped by block (``side x side`` tiles of one zoom), in order."""
+    blocks: dict[tuple[int, int, int], list[Tile]] = defaultdict(list)
+    for z, x, y in tiles:
+        blocks[(z, x // side, y // side)].append((z, x, y))
+    return [blocks[key] for key in sorted(blocks)]
+
+
+def _covers(reader: Reader, xy_bounds: BBox) -> bool:
+    """Whether a WebMercator area overlaps the dataset (rio-tiler's ``tile_exists`` for an area)."""
+    bounds = xy_bounds
+    if reader.crs != TMS.rasterio_crs:
+        bounds = tuple(transform_bounds(TMS.rasterio_crs, reader.crs, *bounds, densify_pts=21))
+    if not all(np.isfinite(bounds)):
+        return True
+    w, s, e, n = normalize_bounds(bounds)
+    dw, ds, de, dn = normalize_bounds(reader.bounds)
+    return bool(w < de and e > dw and n > ds and s < dn)
+
+
+class _Block:
+    """A rectangle of tiles of one zoom, read as one image (``rows x cols`` tiles)."""
+
+    def __init__(self, tiles: Sequence[Tile], size: int) -> None:
+        self.tiles = tiles
+        self.size = size
+        self.z = tiles[0][0]
+        self.x0, self.y0 = min(x for _, x, _ in tiles), min(y for _, _, y in tiles)
+        x1, y1 = max(x for _, x, _ in tiles), max(y for _, _, y in tiles)
+        self.cols, self.rows = x1 - self.x0 + 1, y1 - self.y0 + 1
+        ul = TMS.xy_bounds(morecantile.Tile(self.x0, self.y0, self.z))
+        lr = TMS.xy_bounds(morecantile.Tile(x1, y1, self.z))
+        self.bounds: BBox = (ul.left, lr.bottom, lr.right, ul.top)
+        self.height, self.width = self.rows * size, self.cols * size
+
+    def window(self, tile: Tile) -> tuple[slice, slice]:
+        """Rows and columns of ``tile`` in the block's image."""
+        _, x, y = tile
+        r, c = (y - self.y0) * self.size, (x - self.x0) * self.size
+        return slice(r, r + self.size), slice(c, c + self.size)
+
+    def describe(self) -> str:
+        z, x, y = self.tiles[0]
+        more = f" (and {len(self.tiles) - 1} more of its block)" if len(self.tiles) > 1 else ""
+        return f"{z}/{x}/{y}{more}"
+
+
+def _nodata(reader: Reader, collection: CollectionConfig) -> float | None:
+    """The collection's nodata value, else the dataset's."""
+    if collection.nodata is not None:
+        return collection.nodata
+    return None if reader.dataset is None else reader.dataset.nodata
+
+
+#: Pixel values ``(bands, rows, cols)`` and what is masked: ``(rows, cols)`` when the mask is the
+#: same for every band, else ``(bands, rows, cols)``.
+_Pixels = tuple[np.ndarray, np.ndarray]
+
+
+def _per_band(masked: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The mask with one layer per band (a new array)."""
+    return np.array(np.broadcast_to(masked, shape))
+
+
+def _warp(
+    reader: Reader, block: _Block, indexes: Sequence[int] | None, resampling: str, nodata: float | None
+) -> _Pixels | None:
+    """The block warped from a dataset without an alpha band, as rio-tiler's ``part`` reads it.
+
+    Same grid (``get_vrt_transform``), same ``WarpedVRT`` and same masks as rio-tiler, without
+    the masked-array bookkeeping that costs as much as the warp itself. None when the dataset
+    needs rio-tiler's other paths (already in WebMercator, or an alpha band of its own).
+    """
+    src = reader.dataset
+    if src is None or src.crs is None or src.crs == TMS.rasterio_crs or has_alpha_band(src):
+        return None
+    transform, vrt_width, vrt_height = get_vrt_transform(
+        src, block.bounds, block.height, block.width, dst_crs=TMS.rasterio_crs
+    )
+    kind = Resampling[resampling]
+    with WarpedVRT(
+        src,
+        crs=TMS.rasterio_crs,
+        transform=transform,
+        width=vrt_width,
+        height=vrt_height,
+        dtype=src.dtypes[0],
+        resampling=kind,
+        add_alpha=nodata is None,
+        **({} if nodata is None else {"nodata": nodata, "src_nodata": nodata}),
+    ) as vrt:
+        bands = tuple(indexes) if indexes else tuple(range(1, src.count + 1))
+        shape = (block.height, block.width)
+        if nodata is None:
+            values = vrt.read(
+                indexes=(*bands, vrt.count), out_shape=(len(bands) + 1, *shape), resampling=kind
+            )
+            data, alpha = values[:-1], values[-1]
+            opaque = dtype_ranges[str(alpha.dtype)][1]
+            if opaque != 255 and alpha.max() == 255:  # GDAL's alpha of a masked source: 0..255
+                opaque = 255
+            return data, alpha != opaque
+        data = vrt.read(indexes=bands, out_shape=(len(bands), *shape), resampling=kind)
+        return data, (np.isnan(data) if math.isnan(nodata) else data == nodata)
+
+
+def _read_block(
+    readers: _Readers, chunk: SeedChunk, collection: CollectionConfig, block: _Block
+) -> _Pixels | None:
+    """The block's first-valid mosaic of the chunk's COGs, or None when none of them covers it.
+
+    Per band and pixel the first COG (in ``chunk.cog_keys`` order) with a valid value wins, as
+    with rio-tiler's ``FirstMethod``; reading stops once every pixel is filled.
+    """
     render = collection.render
     resampling = _resampling(collection)
-
-    def read(key: str, tx: int, ty: int, tz: int) -> ImageData:
+    data: np.ndarray | None = None
+    masked: np.ndarray | None = None
+    for key in chunk.cog_keys:
         try:
-            return readers.get(key).tile(
-                tx,
-                ty,
-                tz,
-                tilesize=render.tile_size,
-                indexes=render.bands,
-                resampling_method=resampling,
-                reproject_method=resampling,
-            )
-        except TileOutsideBounds:
-            raise
-        except (RasterioError, RioTilerError, ValueError, OSError) as e:
+            reader = readers.get(key)
+            if not _covers(reader, block.bounds):
+                continue
+            pixels = _warp(reader, block, render.bands, resampling, _nodata(reader, collection))
+            if pixels is None:
+                img = reader.part(
+                    block.bounds,
+                    dst_crs=TMS.rasterio_crs,
+                    bounds_crs=TMS.rasterio_crs,
+                    height=block.height,
+                    width=block.width,
+                    max_size=None,
+                    indexes=render.bands,
+                    resampling_method=resampling,
+                    reproject_method=resampling,
+                )
+                pixels = img.array.data, np.ma.getmaskarray(img.array)
+        except (RasterioError, RioTilerError, ValueError, IndexError, OSError) as e:
             raise TilingError(
-                f"collection {collection.id!r}: cannot render tile {tz}/{tx}/{ty} from COG {key!r}: {e}"
+                f"collection {collection.id!r}: cannot render tile {block.describe()} from COG {key!r}: {e}"
             ) from e
+        values, mask = pixels
+        if data is None or masked is None:
+            data, masked = values, mask
+        else:
+            if values.shape != data.shape:
+                raise TilingError(
+                    f"collection {collection.id!r}: COG {key!r} has {values.shape[0]} bands to mosaic "
+                    f"with {data.shape[0]} for tile {block.describe()}"
+                )
+            if masked.ndim != mask.ndim:
+                masked, mask = _per_band(masked, data.shape), np.broadcast_to(mask, data.shape)
+            if values.dtype != data.dtype:
+                data = data.astype(np.result_type(data, values))
+            np.copyto(data, values, where=masked & ~mask)
+            masked &= mask
+        if not masked.any():
+            break
+    return None if data is None or masked is None else (data, masked)
 
-    if not chunk.cog_keys:
-        return None
-    try:
-        img, _ = mosaic_reader(list(chunk.cog_keys), read, x, y, z, threads=1)
-    except EmptyMosaicError:
-        return None
-    if np.ma.getmaskarray(img.array).all():
-        return None
-    try:
-        if render.rescale:
-            img.rescale(in_range=render.rescale)
+
+class _Encoder:
+    """Encodes the tiles of one block image the way rio-tiler's ``ImageData.render`` would.
+
+    8-bit PNG tiles (grey or RGB, optionally through a colormap) take the fast encoder of
+    :mod:`skyvault.tiles.png`; anything else (WebP, 16-bit, other band counts) goes through
+    rio-tiler and GDAL.
+    """
+
+    def __init__(
+        self, data: np.ndarray, masked: np.ndarray, collection: CollectionConfig, colormap: Any
+    ) -> None:
+        self.data = data
+        self.masked = masked
+        self.colormap = colormap
+        self.fmt = collection.render.format
+        self.valid = ~masked if masked.ndim == 2 else np.asarray(~masked.all(axis=0))
+        self.pixels: np.ndarray | None = None
+        if self.fmt == "png" and data.dtype == np.uint8 and (colormap is None or data.shape[0] == 1):
+            alpha = np.where(self.valid, np.uint8(255), np.uint8(0))
+            if colormap is not None:
+                data, colour_alpha = apply_cmap(data, colormap)
+                alpha = np.where(self.valid, colour_alpha, 0).astype(data.dtype)
+            if encodable(data.shape[0] + 1, data.dtype):
+                self.pixels = np.empty((*alpha.shape, data.shape[0] + 1), dtype=np.uint8)
+                for band in range(data.shape[0]):
+                    self.pixels[:, :, band] = data[band]
+                self.pixels[:, :, -1] = alpha
+
+    def encode(self, window: tuple[slice, slice]) -> bytes | None:
+        """The encoded tile at ``window``, or None when it has no valid pixel."""
+        rows, cols = window
+        if not self.valid[rows, cols].any():
+            return None
+        if self.pixels is not None:
+            return encode_png(self.pixels[rows, cols])
+        data = self.data[:, rows, cols]
+        tile = ImageData(np.ma.MaskedArray(data, mask=_per_band(self.masked[..., rows, cols], data.shape)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return bytes(img.render(img_format=render.format.upper(), colormap=colormap, add_mask=True))
+            return bytes(tile.render(img_format=self.fmt.upper(), colormap=self.colormap, add_mask=True))
+
+
+def _render_block(
+    readers: _Readers, chunk: SeedChunk, collection: CollectionConfig, block: _Block, colormap: Any
+) -> list[tuple[Tile, bytes | None]]:
+    """Each tile of the block, encoded, or None where no source pixel falls in it."""
+    pixels = _read_block(readers, chunk, collection, block) if chunk.cog_keys else None
+    if pixels is None:
+        return [(tile, None) for tile in block.tiles]
+    data, masked = pixels
+    try:
+        if collection.render.rescale:
+            img = ImageData(np.ma.MaskedArray(data, mask=_per_band(masked, data.shape)))
+            img.rescale(in_range=collection.render.rescale)
+            data, masked = img.array.data, np.ma.getmaskarray(img.array)
+        encoder = _Encoder(data, masked, collection, colormap)
+        return [(tile, encoder.encode(block.window(tile))) for tile in block.tiles]
     except (RasterioError, RioTilerError, ValueError) as e:
         raise TilingError(
-            f"collection {collection.id!r}: cannot encode tile {z}/{x}/{y} of COGs "
+            f"collection {collection.id!r}: cannot encode tile {block.describe()} of COGs "
             f"{', '.join(chunk.cog_keys)}: {e}"
         ) from e
 
@@ -432,6 +668,7 @@ def render_chunk(
 
     Each tile is the first-valid mosaic of the chunk's COGs, transparent where no source has
     data. Tiles without any valid pixel are not written (with ``force``, a stale one is deleted).
+    The tiles of one block (see :func:`block_side`) are read as one image and cut up.
 
     Raises:
         TilingError: a COG cannot be opened or a tile cannot be rendered (names collection, tile
@@ -448,25 +685,25 @@ def render_chunk(
     colormap = _colormap(collection)
     objects = open_store(store)
     existing = _existing(objects, chunk, fmt)
-    written = skipped = empty = 0
+    keys = {tile: tile_key(collection.id, chunk.time_key, tile, fmt) for tile in chunk.tiles}
+    todo = [tile for tile in chunk.tiles if force or keys[tile] not in existing]
+    written = empty = 0
     with rasterio.Env(**objects.gdal_env()), _Readers(objects, collection) as readers:
-        for tile in chunk.tiles:
-            key = tile_key(collection.id, chunk.time_key, tile, fmt)
-            if key in existing and not force:
-                skipped += 1
-                continue
-            data = _render_tile(readers, chunk, collection, tile, colormap)
-            if data is None:
-                empty += 1
-                if key in existing:
-                    objects.delete(key)
-                continue
-            objects.put_bytes(key, data, _CONTENT_TYPES[fmt])
-            written += 1
+        for tiles in _blocks(todo, block_side(collection)):
+            block = _Block(tiles, collection.render.tile_size)
+            for tile, data in _render_block(readers, chunk, collection, block, colormap):
+                key = keys[tile]
+                if data is None:
+                    empty += 1
+                    if key in existing:
+                        objects.delete(key)
+                    continue
+                objects.put_bytes(key, data, _CONTENT_TYPES[fmt])
+                written += 1
     return SeedResult(
         collection=collection.id,
         written=written,
-        skipped=skipped,
+        skipped=len(chunk.tiles) - len(todo),
         empty=empty,
         layers=(chunk.time_key,),
     )
@@ -561,20 +798,22 @@ def write_tilejson(
     """Write (or widen) a layer's TileJSON; returns its key.
 
     An existing document's bounds and zoom range are merged in, so seeding another part of a
-    layer keeps the document right. An unreadable existing document is replaced.
+    layer keeps the document right. The merge is one ``store.update``, so seeders of the same
+    layer in several processes or hosts never lose each other's bounds or zooms. An unreadable
+    existing document is replaced.
     """
-    objects = open_store(store)
     key = tilejson_key(collection.id, layer)
-    existing: dict[str, Any] | None = None
-    try:
-        loaded = json.loads(objects.get_bytes(key))
-        existing = loaded if isinstance(loaded, dict) else None
-    except ObjectNotFoundError:
-        existing = None
-    except (ValueError, UnicodeDecodeError):
-        existing = None
-    doc = tilejson_document(collection, layer, bounds, min_zoom, max_zoom, existing)
-    objects.put_bytes(key, json.dumps(doc, indent=2).encode(), "application/json")
+
+    def merge(data: bytes | None) -> bytes:
+        existing: dict[str, Any] | None = None
+        if data is not None:
+            with contextlib.suppress(ValueError):  # not JSON, or not UTF-8: replaced
+                loaded = json.loads(data)
+                existing = loaded if isinstance(loaded, dict) else None
+        doc = tilejson_document(collection, layer, bounds, min_zoom, max_zoom, existing)
+        return json.dumps(doc, indent=2).encode()
+
+    open_store(store).update(key, merge, "application/json")
     return key
 
 

@@ -17,14 +17,14 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
 import skyvault.flows
 import skyvault.tasks
-from skyvault.config.provision import limit_name, provision_tag_limits, tag_limits, tileset_tag
+from skyvault.config.provision import limit_name, provision_tag_limits, tag_limits
 from skyvault.config.settings import DEFAULT_TAG_LIMITS, ConcurrencySettings, Settings
 
 PACKAGE = Path(skyvault.tasks.__file__).parent.parent
 ORCHESTRATION = (PACKAGE / "tasks", PACKAGE / "flows")
 
 #: Functions that build a tag from a collection id, as the code may call them inside ``tags=``.
-TAG_BUILDERS = {"tileset_tag": tileset_tag}
+TAG_BUILDERS: dict[str, Any] = {}
 
 
 def sample_settings() -> Settings:
@@ -133,7 +133,7 @@ def t() -> None: ...
 
 def f() -> None:
     t.with_options(tags=tags).submit()
-    t.with_options(tags={*t.tags, tileset_tag(c)} | set(extra)).submit()
+    t.with_options(tags={*t.tags} | set(extra)).submit()
     with prefect.tags("e-tag"):
         t()
 """
@@ -141,7 +141,7 @@ def f() -> None:
         _TagReader(source, "probe.py", ["coll"]).tags()
     readable = source.replace("| set(extra)", "| extra")
     found = _TagReader(readable, "probe.py", ["coll"]).tags()
-    assert found == {"a-tag", "b-tag", "c-tag", "d-tag", "e-tag", "tileset:coll"}
+    assert found == {"a-tag", "b-tag", "c-tag", "d-tag", "e-tag"}
 
 
 def test_a_tag_computed_at_run_time_fails_the_scan() -> None:
@@ -160,7 +160,6 @@ def test_a_configured_limit_overrides_only_its_own_tag() -> None:
     assert limits["extra-io"] == 3
     assert limits["catalog-write"] == DEFAULT_TAG_LIMITS["catalog-write"]
     assert limits["data-catalog"] == DEFAULT_TAG_LIMITS["data-catalog"]
-    assert limits["tileset:a"] == 1
 
 
 def test_a_limit_of_zero_is_refused() -> None:
@@ -178,31 +177,31 @@ def _server_limits(tags: Iterable[str]) -> dict[str, tuple[Any, ...]]:
 
 
 @pytest.fixture
-def fresh_collection() -> Iterator[str]:
-    """A collection id no other test provisioned; the default limits are restored afterwards."""
+def fresh_tag() -> Iterator[str]:
+    """A tag no other test provisioned; the default limits are restored afterwards."""
     yield f"prov-{os.urandom(4).hex()}"
     provision_tag_limits(sample_settings())
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_provisioning_creates_the_configured_limits(fresh_collection: str) -> None:
+def test_provisioning_creates_the_configured_limits(fresh_tag: str) -> None:
     s = Settings(
-        concurrency={"tag_limits": {"lts-write": 2, "object-store-read": 7}, "tileset_limit": 2},
-        collections={fresh_collection: {}},
+        concurrency={"tag_limits": {"lts-write": 2, "object-store-read": 7, fresh_tag: 2}},
+        collections={"a": {}},
     )
     done = provision_tag_limits(s)
-    assert tileset_tag(fresh_collection) in done.created
+    assert fresh_tag in done.created
     on_server = _server_limits(tag_limits(s))
     assert {tag: limit for tag, (_, limit, _, _) in on_server.items()} == tag_limits(s)
     assert on_server["lts-write"][1] == 2
     assert on_server["object-store-read"][1] == 7
-    assert on_server[tileset_tag(fresh_collection)][1] == 2
+    assert on_server[fresh_tag][1] == 2
     assert all(active for _, _, active, _ in on_server.values())
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_provisioning_twice_changes_nothing(fresh_collection: str) -> None:
-    s = Settings(collections={fresh_collection: {}})
+def test_provisioning_twice_changes_nothing(fresh_tag: str) -> None:
+    s = Settings(concurrency={"tag_limits": {fresh_tag: 1}})
     provision_tag_limits(s)
     before = _server_limits(tag_limits(s))
     again = provision_tag_limits(s)
@@ -211,15 +210,15 @@ def test_provisioning_twice_changes_nothing(fresh_collection: str) -> None:
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_provisioning_updates_a_changed_or_disabled_limit(fresh_collection: str) -> None:
-    tileset = tileset_tag(fresh_collection)
-    provision_tag_limits(Settings(collections={fresh_collection: {}}))
+def test_provisioning_updates_a_changed_or_disabled_limit(fresh_tag: str) -> None:
+    tileset = fresh_tag
+    provision_tag_limits(Settings(concurrency={"tag_limits": {fresh_tag: 1}}))
     with get_client(sync_client=True) as client:
         client.update_global_concurrency_limit(
             limit_name(tileset), GlobalConcurrencyLimitUpdate(active=False)
         )
 
-    changed = Settings(concurrency={"tag_limits": {"lts-read": 3}}, collections={fresh_collection: {}})
+    changed = Settings(concurrency={"tag_limits": {"lts-read": 3, fresh_tag: 1}})
     done = provision_tag_limits(changed)
     assert sorted(done.updated) == sorted(["lts-read", tileset])
     on_server = _server_limits(["lts-read", tileset])

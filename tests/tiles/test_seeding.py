@@ -13,11 +13,17 @@ import pytest
 import rasterio
 import rasterio.shutil
 from pyproj import Transformer
+from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import MemoryFile
 from rasterio.transform import from_origin
 from rasterio.warp import transform_bounds
 from rio_tiler.colormap import cmap
+from rio_tiler.errors import EmptyMosaicError
+from rio_tiler.io import Reader
+from rio_tiler.models import ImageData
+from rio_tiler.mosaic import mosaic_reader
+from rio_tiler.reader import Options
 
 from skyvault.config.collections import CollectionConfig, RenderConfig
 from skyvault.config.settings import StoreSettings
@@ -26,6 +32,7 @@ from skyvault.models import SeedChunk, SeedRequest, SeedResult
 from skyvault.storage.store import open_store
 from skyvault.tiles.seeding import (
     TMS,
+    block_side,
     combine_results,
     plan_seed,
     render_chunk,
@@ -38,6 +45,8 @@ from tests.conftest import write_raster
 
 WHEN = "2026-01-01T00:00:00Z"
 LAYER = "20260101T000000Z"
+#: 128 x 128 px over 10.0..10.4E 45.5..45.8N
+SMALL = from_origin(10.0, 45.8, 0.4 / 128, 0.3 / 128)
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -433,6 +442,23 @@ def test_chunks_bound_the_tiles_per_task(rgb: dict[str, Any]) -> None:
     assert all(c.total == len(chunks) for c in chunks)
 
 
+@pytest.mark.parametrize("workers", [2, 4])
+def test_a_layer_is_shared_evenly_between_parallel_renderers(rgb: dict[str, Any], workers: int) -> None:
+    collection = CollectionConfig(id="rgb", min_zoom=0, max_zoom=12)
+    request = SeedRequest(collection="rgb")
+    one = plan_seed([rgb], request, collection, chunk_size=1024)
+    shared = plan_seed([rgb], request, collection, chunk_size=1024, min_chunks=workers)
+    assert len(one) == 1
+    assert len(shared) == workers
+    assert sorted(t for c in shared for t in c.tiles) == sorted(one[0].tiles)
+    side = block_side(collection)
+    sizes = [len(c.tiles) for c in shared]
+    assert max(sizes) - min(sizes) <= 2 * side**2
+    # a block (tiles read together) is never split between chunks
+    owner = {(z, x // side, y // side): c.index for c in shared for z, x, y in c.tiles}
+    assert all(owner[(z, x // side, y // side)] == c.index for c in shared for z, x, y in c.tiles)
+
+
 def test_tilejson_describes_the_layer_and_widens_on_reseed(
     store: StoreSettings, tmp_path: Path, rgb_4326: Path
 ) -> None:
@@ -507,6 +533,135 @@ def test_colormap_and_rescale_of_a_float_scene(store: StoreSettings, tmp_path: P
                     assert np.abs(img[:3, row, col].astype(int) - expected).max() <= 3
                     checked += 1
     assert checked > 20
+
+
+def reference_tile(
+    store: StoreSettings, keys: list[str], collection: CollectionConfig, tile: tuple[int, int, int]
+) -> np.ndarray | None:
+    """A tile as rio-tiler renders it on its own: ``Reader.tile`` of each COG, first-valid mosaic."""
+    objects = open_store(store)
+    render = collection.render
+    options: Options = {} if collection.nodata is None else {"nodata": collection.nodata}
+
+    def read(key: str, x: int, y: int, z: int) -> ImageData:
+        with Reader(objects.gdal_path(key), options=options) as reader:
+            img: ImageData = reader.tile(x, y, z, tilesize=render.tile_size, indexes=render.bands)
+            return img
+
+    z, x, y = tile
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            img, _ = mosaic_reader(keys, read, x, y, z, threads=1)
+        except EmptyMosaicError:
+            return None
+        if np.ma.getmaskarray(img.array).all():
+            return None
+        if render.rescale:
+            img.rescale(in_range=render.rescale)
+        colours = cmap.get(render.colormap) if render.colormap else None
+        return decode(img.render(img_format=render.format.upper(), colormap=colours, add_mask=True))
+
+
+def scene_in(tmp_path: Path, name: str, crs: str, bands: int = 3, alpha: bool = False) -> Path:
+    """A textured uint8 scene over 10.0..10.4E 45.5..45.8N in ``crs`` (optionally with an alpha band)."""
+    rng = np.random.default_rng(3)
+    data = rng.integers(1, 255, (bands + alpha, 96, 128), dtype="uint8")
+    if alpha:
+        data[-1] = 255
+        data[-1, :, :40] = 0
+    w, s, e, n = transform_bounds("EPSG:4326", crs, 10.0, 45.5, 10.4, 45.8)
+    path = write_raster(
+        tmp_path / "src" / f"{name}.tif",
+        data,
+        crs=crs,
+        transform=from_origin(w, n, (e - w) / 128, (n - s) / 96),
+    )
+    if alpha:
+        with rasterio.open(path, "r+") as dst:
+            dst.colorinterp = [*dst.colorinterp[:-1], ColorInterp.alpha]
+    return path
+
+
+#: Sources in a projected CRS are warped through GDAL's approximate transformer (within 1/8 source
+#: pixel), whose interpolation depends on the extent of each read: rendering a block of tiles at once
+#: moves some edges between two source pixels by a tile pixel or so. In those cases all but a few
+#: pixels must be rio-tiler's or a neighbour's; in the others every pixel must be rio-tiler's.
+NEARLY = {"float-colormap", "alpha-band", "mosaic"}
+
+
+def within_one_pixel(got: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """Per pixel: whether ``got`` equals ``expected`` there or at one of its 8 neighbours."""
+    padded = np.pad(expected, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    rows, cols = got.shape[1:]
+    found = np.zeros((rows, cols), dtype=bool)
+    for dr in (0, 1, 2):
+        for dc in (0, 1, 2):
+            found |= (padded[:, dr : dr + rows, dc : dc + cols] == got).all(axis=0)
+    return found
+
+
+@pytest.mark.parametrize(
+    "case", ["rgb", "nodata", "float-colormap", "webmercator", "alpha-band", "mosaic", "grey", "webp"]
+)
+def test_tiles_are_what_rio_tiler_renders_tile_by_tile(
+    case: str, store: StoreSettings, tmp_path: Path, rgb_4326: Path, float_utm: Path
+) -> None:
+    bbox = (10.0, 45.5, 10.4, 45.8)
+    render: dict[str, Any] = {}
+    zooms = (6, 11)
+    nodata: float | None = None
+    if case in ("rgb", "webp"):
+        sources, bbox = [rgb_4326], (10.0, 45.0, 11.0, 46.0)
+        render = {"format": "webp"} if case == "webp" else {}
+    elif case == "nodata":
+        data = np.full((3, 128, 128), 120, dtype="uint8")
+        data[:, 40:90, :64] = 0
+        sources = [write_raster(tmp_path / "src" / "n.tif", data, transform=SMALL)]
+        nodata = 0
+    elif case == "float-colormap":
+        sources = [float_utm]
+        with rasterio.open(float_utm) as src:
+            bbox = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+        render, zooms = {"bands": [1], "rescale": [(0.0, 400.0)], "colormap": "viridis"}, (9, 13)
+    elif case == "webmercator":
+        sources = [scene_in(tmp_path, "m", "EPSG:3857")]
+    elif case == "alpha-band":
+        sources = [scene_in(tmp_path, "a", "EPSG:32632", alpha=True)]
+    elif case == "grey":
+        sources = [scene_in(tmp_path, "g", "EPSG:4326", bands=1)]
+    else:  # mosaic: the second COG fills what the first (with a nodata hole) leaves empty
+        data = np.full((3, 128, 128), 200, dtype="uint8")
+        data[:, 30:80, 30:80] = 0
+        sources = [
+            write_raster(tmp_path / "src" / "hole.tif", data, transform=SMALL, nodata=0),
+            scene_in(tmp_path, "under", "EPSG:32632"),
+        ]
+    keys = [put_cog(store, tmp_path, f"cogs/rgb/{i}-{p.name}", p) for i, p in enumerate(sources)]
+    items = [make_item(f"i{i}", key, bbox) for i, key in enumerate(keys)]
+    collection = CollectionConfig(
+        id="rgb", min_zoom=zooms[0], max_zoom=zooms[1], nodata=nodata, render=RenderConfig(**render)
+    )
+    chunks, result = run(items, SeedRequest(collection="rgb"), collection, store)
+    fmt = collection.render.format
+    objects = open_store(store)
+    compared = 0
+    for tile in sorted({t for c in chunks for t in c.tiles}):
+        expected = reference_tile(store, keys, collection, tile)
+        key = tile_key("rgb", LAYER, tile, fmt)
+        if expected is None:
+            assert not objects.exists(key), f"tile {tile} should be empty"
+            continue
+        got = decode(objects.get_bytes(key))
+        assert got.shape == expected.shape
+        differ = (got != expected).any(axis=0)
+        if case in NEARLY:
+            explained = within_one_pixel(got, expected).mean()
+            assert explained > 0.99, f"tile {tile}: {1 - explained:.1%} of pixels unlike rio-tiler's"
+        else:
+            assert not differ.any(), f"tile {tile}: {differ.sum()} pixels differ from rio-tiler's"
+        compared += 1
+    assert compared == result.written > 3
 
 
 def test_webp_tiles(store: StoreSettings, rgb: dict[str, Any]) -> None:
