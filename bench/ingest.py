@@ -1,0 +1,345 @@
+"""Ingest orchestration overhead: the ingest flow against the same functions in a plain loop.
+
+    uv run --frozen python -m bench.ingest [--products 40] [--size 512] [--reps 3]
+        [--database sqlite|postgres] [--api-url URL]
+
+``--products`` generated scenes of ``--size`` x ``--size`` x 3 uint8 land in one collection of a
+local store. Each repetition, in alternating order, runs:
+
+* flow: ``ingest(seed_tiles=False)`` (what ``skyvault ingest --no-seed`` runs) in this process,
+  against a Prefect server started here on 127.0.0.1 (its database SQLite, the embedded default,
+  or a private PostgreSQL cluster, the production setup; or the server of ``--api-url``), with the
+  tag limits provisioned: discovery, status read, one ``process-product`` run per product
+  (``settings.concurrency.products`` at a time), each converting, registering and recording status;
+* plain: the same domain functions (discover, read statuses, and per product the status records,
+  ``preprocess_product`` and ``register_product``) in a thread pool of the same size, no Prefect.
+
+Outputs (COGs, catalog, status records) are removed before every run, so each does the full work.
+Prints a markdown table (median and range of wall seconds, seconds per product, and the flow's
+orchestration overhead per product: flow minus plain) and writes it to
+``bench/out/ingest-<database>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import yaml
+from rasterio.transform import from_origin
+
+from skyvault.catalog import registration
+from skyvault.cog import convert
+from skyvault.config.settings import Settings
+from skyvault.discovery import landing
+from skyvault.models import Product, ProductStatus, StatusState
+from skyvault.status import now, read_statuses, write_status
+
+OUT = Path(__file__).parent / "out"
+COLLECTION = "bench-scenes"
+OUTPUTS = ("cogs", "catalog", "status")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _postgres_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    if initdb is None:
+        raise RuntimeError("PostgreSQL is not installed (no initdb)")
+    return Path(initdb).parent
+
+
+def _as_postgres_user(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: run as the ``postgres`` user then."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@contextlib.contextmanager
+def postgres(root: Path) -> Iterator[str]:
+    """A private PostgreSQL cluster under ``root`` on 127.0.0.1; yields a SQLAlchemy URL for Prefect."""
+    bindir = _postgres_bin()
+    data = root / "pgdata"
+    root.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    port = _free_port()
+    run = functools.partial(subprocess.run, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    run(_as_postgres_user([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]))
+    options = f"-p {port} -h 127.0.0.1 -k {root}"
+    ctl = [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log")]
+    run(_as_postgres_user([*ctl, "-o", options, "-w", "start"]))
+    try:
+        run(_as_postgres_user([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "prefect"]))
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
+    finally:
+        run(_as_postgres_user([*ctl, "-m", "fast", "-w", "stop"]))
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path, database_url: str | None = None) -> Iterator[str]:
+    """A Prefect server on 127.0.0.1 for the duration; yields its API URL.
+
+    Its database is SQLite under ``home`` unless ``database_url`` names another one.
+    """
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    if database_url:
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    log = (home / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited: see {home / 'server.log'}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("prefect server did not answer within 180 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@contextlib.contextmanager
+def server_for(args: argparse.Namespace, root: Path) -> Iterator[str]:
+    """The Prefect API the flow side talks to: ``--api-url``, or a server started here."""
+    if args.api_url:
+        yield args.api_url
+        return
+    home = root / "prefect"
+    home.mkdir()
+    with contextlib.ExitStack() as stack:
+        database = stack.enter_context(postgres(root / "postgres")) if args.database == "postgres" else None
+        yield stack.enter_context(prefect_server(home, database))
+
+
+def make_landing(root: Path, products: int, size: int) -> None:
+    """``products`` plain GeoTIFFs of ``size`` x ``size`` x 3 uint8, each with its own place and day."""
+    folder = root / "store" / "landing" / COLLECTION
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:size, 0:size].astype("float32") / size
+    for i in range(products):
+        noise = rng.normal(0, 8, (3, size, size))
+        bands = np.stack([120 + 90 * np.sin((3 + b) * xx + (2 + i % 5) * yy) for b in range(3)])
+        data = np.clip(bands + noise, 1, 255).astype("uint8")
+        with rasterio.open(
+            folder / f"P{i:05d}.tif",
+            "w",
+            driver="GTiff",
+            width=size,
+            height=size,
+            count=3,
+            dtype="uint8",
+            crs="EPSG:4326",
+            transform=from_origin(5.0 + (i % 20) * 0.5, 50.0 - (i // 20) * 0.5, 0.4 / size, 0.4 / size),
+        ) as dst:
+            dst.write(data)
+            dst.update_tags(TIFFTAG_DATETIME=f"2026:01:{1 + i % 28:02d} 10:00:00")
+
+
+def write_config(root: Path) -> Path:
+    """The config file both sides read."""
+    path = root / "skyvault.yaml"
+    body = {
+        "scratch_dir": str(root / "scratch"),
+        "store": {"kind": "local", "root": str(root / "store")},
+        "lts": {"root": str(root / "lts"), "create_root": True},
+        "collections": {COLLECTION: {"render": {"bands": [1, 2, 3]}}},
+    }
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def wipe_outputs(settings: Settings) -> None:
+    """Remove what an ingest writes, so the next run does the full work."""
+    for name in OUTPUTS:
+        shutil.rmtree(settings.store.root / name, ignore_errors=True)
+
+
+def plain_ingest(settings: Settings, workers: int) -> int:
+    """The ingest's work without Prefect: the same domain calls, ``workers`` products at a time."""
+    found = landing.discover(settings.store, settings.collections, collection=COLLECTION)
+    read_statuses([(p.collection, p.id) for p in found.products], settings.store)
+    collection = settings.collection(COLLECTION)
+
+    def record(product: Product, state: StatusState, step: str) -> None:
+        write_status(
+            ProductStatus(
+                collection=product.collection,
+                product_id=product.id,
+                state=state,
+                step=step,
+                updated_at=now(),
+            ),
+            settings.store,
+        )
+
+    def one(product: Product) -> str:
+        record(product, "running", "preprocess")
+        cog = convert.preprocess_product(
+            product, collection, settings.store, settings.scratch_dir, limits=settings.limits
+        )
+        record(product, "running", "register")
+        registration.register_product(product, cog, collection, settings.catalog, settings.store)
+        record(product, "done", "register")
+        return product.id
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return len(list(pool.map(one, found.products)))
+
+
+def flow_ingest(settings: Settings) -> int:
+    """``ingest(seed_tiles=False)``, as ``skyvault ingest --no-seed`` runs it."""
+    from skyvault.flows.ingest import ingest
+    from skyvault.models import IngestSummary
+
+    state = ingest(collection=COLLECTION, seed_tiles=False, return_state=True)
+    summary = state.result(raise_on_failure=False)
+    if not isinstance(summary, IngestSummary) or summary.done != summary.found:
+        raise RuntimeError(f"ingest did not do every product: {state.message}")
+    return summary.done
+
+
+def timed(fn: Callable[[], int], expected: int) -> float:
+    start = time.perf_counter()
+    done = fn()
+    elapsed = time.perf_counter() - start
+    if done != expected:
+        raise RuntimeError(f"{done} products done, expected {expected}")
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; prints the markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--products", type=int, default=40)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--api-url", help="an already running Prefect server (default: start one)")
+    parser.add_argument(
+        "--database",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="database of the server started here: SQLite (the embedded default) or a private "
+        "PostgreSQL cluster (the production setup)",
+    )
+    parser.add_argument("--dir", type=Path, default=None, help="parent of the working folder")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=args.dir) as tmp:
+        root = Path(tmp)
+        os.chmod(root, 0o755)  # the PostgreSQL user must reach its data folder
+        make_landing(root, args.products, args.size)
+        os.environ["SKYVAULT_CONFIG_FILE"] = str(write_config(root))
+        with server_for(args, root) as api_url:
+            # set before Prefect is imported: its settings are read once
+            os.environ["PREFECT_API_URL"] = api_url
+            os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+            from skyvault.config.provision import provision_tag_limits
+            from skyvault.config.settings import get_settings
+
+            settings = get_settings()
+            provision_tag_limits(settings)
+            workers = settings.concurrency.products
+            sides: dict[str, Callable[[], int]] = {
+                "flow": lambda: flow_ingest(settings),
+                "plain": lambda: plain_ingest(settings, workers),
+            }
+            # one untimed run of each side: imports, GDAL and server caches
+            for fn in sides.values():
+                wipe_outputs(settings)
+                timed(fn, args.products)
+            times: dict[str, list[float]] = {name: [] for name in sides}
+            for rep in range(args.reps):
+                order = list(sides) if rep % 2 == 0 else list(reversed(sides))
+                for name in order:
+                    wipe_outputs(settings)
+                    times[name].append(timed(sides[name], args.products))
+                    print(f"rep {rep + 1} {name}: {times[name][-1]:.2f} s", file=sys.stderr)
+            from prefect.logging.handlers import APILogHandler
+
+            APILogHandler().flush()  # send the runs' logs while the server is still up
+    table = render(times, args, workers)
+    print(table)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"ingest-{args.database}.md").write_text(table)
+    return 0
+
+
+def render(times: dict[str, list[float]], args: argparse.Namespace, workers: int) -> str:
+    """The markdown table of both sides and the overhead per product."""
+    n = args.products
+    med = {name: statistics.median(values) for name, values in times.items()}
+    lines = [
+        f"### ingest --no-seed: {n} products of {args.size}x{args.size}x3 uint8, "
+        f"{workers} at a time, {args.reps} alternating repetitions",
+        "",
+        f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "",
+        "| path | median wall s | range s | s/product |",
+        "|---|---:|---:|---:|",
+    ]
+    server = "--api-url" if args.api_url else {"sqlite": "SQLite", "postgres": "PostgreSQL"}[args.database]
+    labels = {"flow": f"ingest flow (Prefect server, {server})", "plain": "same functions, plain thread pool"}
+    for name, values in times.items():
+        spread = f"{min(values):.2f} to {max(values):.2f}"
+        lines.append(f"| {labels[name]} | {med[name]:.2f} | {spread} | {med[name] / n:.3f} |")
+    per_rep = [(f - p) / n for f, p in zip(times["flow"], times["plain"], strict=True)]
+    lines += [
+        "",
+        f"Orchestration overhead per product (flow minus plain, median of repetitions): "
+        f"{statistics.median(per_rep):.3f} s (range {min(per_rep):.3f} to {max(per_rep):.3f} s).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
