@@ -5,7 +5,8 @@ sources into ``<name>.part`` while the tar's sha256 and every member's sha256 ar
 pass, no scratch copy), fsynced and renamed when complete. Verification reads it back with the
 page cache for that file dropped, so the bytes come from the device, and compares the tar
 checksum and every member's checksum. ``manifest.json`` is written last: its presence means the
-dataset's archive is complete.
+dataset's archive is complete. Archive runs of one dataset, and retrieve runs of one dataset,
+take turns through a ``flock`` under ``<lts-root>/.locks/`` (:func:`dataset_lock`).
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ from skyvault.models import (
     RetrievedBlock,
     RetrieveResult,
 )
+from skyvault.storage.lock import flock
 from skyvault.storage.store import ObjectStore, open_store
 
 CHUNK = 4 * 1024 * 1024
+LOCKS = ".locks"
 MANIFEST = "manifest.json"
 PART = ".part"
 SCRIPT = "download.sh"
@@ -68,20 +71,51 @@ def manifest_path(lts: LtsSettings, dataset_id: str) -> Path:
     return dataset_dir(lts, dataset_id) / MANIFEST
 
 
+# --- one run per dataset --------------------------------------------------------------------------
+
+
+def lock_path(lts: LtsSettings, kind: str, dataset_id: str) -> Path:
+    """The lock file of a dataset's ``kind`` runs, ``<lts-root>/.locks/<kind>-<dataset-id>.lock``."""
+    return lts.root / LOCKS / f"{check_id(kind, 'lock kind')}-{check_id(dataset_id, 'dataset id')}.lock"
+
+
+def dataset_lock(
+    lts: LtsSettings, kind: str, dataset_id: str, *, timeout_seconds: float | None
+) -> contextlib.AbstractContextManager[None]:
+    """Hold the dataset's ``kind`` lock (``archive``, ``retrieve``) while inside.
+
+    An exclusive ``flock`` on :func:`lock_path`, so runs of one kind and dataset wait for each
+    other in any process on any host that mounts this LTS (with a filesystem whose ``flock`` is
+    shared between its clients). The kernel frees the lock when its holder dies, so a killed run
+    never blocks the next one. ``timeout_seconds=None`` waits until the holder is done.
+
+    Raises:
+        DatasetError: the LTS root is missing (see :func:`check_root`).
+        LockTimeoutError: another run still holds it after ``timeout_seconds``; the message names
+            the lock and the holder (``host:pid``).
+
+    """
+    check_root(lts, dataset_id, kind)
+    return flock(
+        lock_path(lts, kind, dataset_id), f"{kind} of dataset {dataset_id!r}", timeout_seconds=timeout_seconds
+    )
+
+
 # --- free space -----------------------------------------------------------------------------------
 
 
-def check_root(lts: LtsSettings, dataset_id: str) -> None:
+def check_root(lts: LtsSettings, dataset_id: str, action: str = "archive") -> None:
     """Make sure the LTS root is there (created only when ``lts.create_root``).
 
     Raises:
-        DatasetError: the root is missing (an unmounted LTS, say) and may not be created.
+        DatasetError: the root is missing (an unmounted LTS, say) and may not be created; the
+            message names the root, the ``action`` and the dataset.
     """
     if lts.root.is_dir():
         return
     if not lts.create_root:
         raise DatasetError(
-            f"LTS root {lts.root} does not exist (not mounted?); cannot archive dataset {dataset_id!r}"
+            f"LTS root {lts.root} does not exist (not mounted?); cannot {action} dataset {dataset_id!r}"
         )
     try:
         lts.root.mkdir(parents=True, exist_ok=True)

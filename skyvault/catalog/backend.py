@@ -30,7 +30,10 @@ class CatalogBackend(Protocol):
     Items are STAC Item dicts as made by :func:`skyvault.stac.item.build_item`; an item's
     ``properties["skyvault:cog_key"]`` names its COG. Store or network failures are raised as
     :class:`CatalogError` (:class:`TransientCatalogError` when a retry may help) naming the
-    collection or item. Every method is safe to call again with the same arguments.
+    collection or item. Every method is safe to call again with the same arguments, and from
+    several processes and hosts at once: concurrent upserts into one collection lose no item and
+    leave its extents covering every item (the static catalog changes its documents through
+    ``ObjectStore.update``; a database backend through its transactions).
     """
 
     def ensure_collection(self, collection: CollectionConfig) -> None:

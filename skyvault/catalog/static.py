@@ -5,8 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import posixpath
-import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -44,14 +43,6 @@ from skyvault.storage.store import ObjectStore, check_prefix, open_store
 
 # --- the static catalog ---------------------------------------------------------------------------
 
-_LOCKS: dict[tuple[str, ...], threading.Lock] = {}
-_LOCKS_GUARD = threading.Lock()
-
-
-def _lock(key: tuple[str, ...]) -> threading.Lock:
-    with _LOCKS_GUARD:
-        return _LOCKS.setdefault(key, threading.Lock())
-
 
 def _dumps(obj: dict[str, Any], what: str) -> bytes:
     try:
@@ -69,20 +60,15 @@ class StaticCatalog:
     written, and each link carries the item's bbox and time interval (``skyvault:bbox``,
     ``skyvault:interval``) so searches, existence checks and extents never read item bodies.
 
-    Writes to one collection from threads of one process are serialised by a per-collection lock;
-    several processes writing the same collection need a concurrency limit of one on the
-    ``catalog-write`` tag (or a database backend).
+    ``catalog.json`` and ``collection.json`` are changed only through ``store.update`` (an
+    exclusive ``flock`` on a local folder, a conditional PUT on S3), so any number of threads,
+    processes and hosts can register into one collection at once without losing a link.
     """
 
     def __init__(self, catalog: CatalogSettings, store: StoreSettings) -> None:
         self.settings = catalog
         self.prefix = check_prefix(catalog.prefix.strip("/"))
         self.store: ObjectStore = open_store(store)
-        self._store_id = (
-            ("s3", store.endpoint_url or "", store.bucket or "")
-            if store.kind == "s3"
-            else ("local", str(store.root.resolve()))
-        )
         root_key = self.root_key()
         self._base_url = self.store.url(root_key)[: -len(root_key)]
 
@@ -157,8 +143,10 @@ class StaticCatalog:
 
     def _read_json(self, key: str, what: str) -> dict[str, Any] | None:
         data = self._read_bytes(key, what)
-        if data is None:
-            return None
+        return None if data is None else self._parse(data, key, what)
+
+    @staticmethod
+    def _parse(data: bytes, key: str, what: str) -> dict[str, Any]:
         try:
             obj = json.loads(data)
         except ValueError as e:
@@ -173,29 +161,39 @@ class StaticCatalog:
 
     # the root catalog and collections
 
+    def _update(
+        self, key: str, what: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]
+    ) -> None:
+        """Read-modify-write one JSON document atomically across processes (``store.update``).
+
+        ``change`` gets the parsed document (None when missing) and returns it changed, or None to
+        leave it as it is; it may run more than once when another writer gets in first.
+        """
+
+        def apply(data: bytes | None) -> bytes | None:
+            doc = None if data is None else self._parse(data, key, what)
+            changed = change(doc)
+            return None if changed is None else _dumps(changed, what)
+
+        with self._errors(f"cannot write {what}"):
+            self.store.update(key, apply, content_type=JSON_TYPE)
+
     def _ensure_root_link(self, collection: CollectionConfig) -> None:
         href = f"./{collection.id}/collection.json"
-        with _lock((*self._store_id, self.prefix, "")):
-            root = self._read_json(self.root_key(), "root catalog")
-            before = _dumps(root, "root catalog") if root is not None else None
+        child = {"rel": "child", "href": href, "type": JSON_TYPE, "title": collection.title or collection.id}
+
+        def link(root: dict[str, Any] | None) -> dict[str, Any]:
             if root is None:
                 root = pystac.Catalog(
                     id=self.settings.id, description=self.settings.description, title=self.settings.title
                 ).to_dict(include_self_link=False, transform_hrefs=False)
                 root["links"] = [{"rel": "root", "href": "./catalog.json", "type": JSON_TYPE}]
-            links: list[dict[str, Any]] = root.setdefault("links", [])
-            child = {
-                "rel": "child",
-                "href": href,
-                "type": JSON_TYPE,
-                "title": collection.title or collection.id,
-            }
+            links: list[dict[str, Any]] = root.get("links", [])
             kept = [link for link in links if not (link.get("rel") == "child" and link.get("href") == href)]
-            kept.append(child)
-            root["links"] = kept
-            after = _dumps(root, "root catalog")
-            if after != before:
-                self._write(self.root_key(), after, "root catalog")
+            root["links"] = [*kept, child]
+            return root
+
+        self._update(self.root_key(), "root catalog", link)
 
     @staticmethod
     def _apply_config(doc: dict[str, Any], collection: CollectionConfig) -> None:
@@ -266,18 +264,18 @@ class StaticCatalog:
         config: CollectionConfig | None,
         change: Mapping[str, dict[str, Any] | None],
     ) -> set[str] | None:
-        """Read-modify-write ``collection.json`` under the collection lock.
+        """Read-modify-write ``collection.json`` atomically across processes and hosts.
 
         ``config`` refreshes the collection's metadata and creates it when missing (without it a
         missing collection stays missing). ``change`` maps item ids to their new link (None
         removes it). Writes only if something changed. Returns the item ids linked before, or
         None if there was no collection.
         """
-        key = self.collection_key(collection_id)
-        what = f"collection {collection_id!r}"
-        with _lock((*self._store_id, self.prefix, collection_id)):
-            doc = self._read_json(key, what)
-            before = _dumps(doc, what) if doc is not None else None
+        previous: set[str] | None = None
+
+        def apply(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+            nonlocal previous
+            previous = None if doc is None else set(self._item_links(doc))
             if doc is None:
                 if config is None:
                     return None
@@ -285,7 +283,6 @@ class StaticCatalog:
             if config is not None:
                 self._apply_config(doc, config)
             links = self._item_links(doc)
-            previous = set(links)
             for item_id, link in change.items():
                 if link is None:
                     links.pop(item_id, None)
@@ -293,10 +290,10 @@ class StaticCatalog:
                     links[item_id] = link
             self._set_item_links(doc, links)
             self._set_extent(doc, links)
-            after = _dumps(doc, what)
-            if after != before:
-                self._write(key, after, what)
-        return previous if before is not None else set()
+            return doc
+
+        self._update(self.collection_key(collection_id), f"collection {collection_id!r}", apply)
+        return previous
 
     def ensure_collection(self, collection: CollectionConfig) -> None:
         self._update_collection(collection.id, collection, {})

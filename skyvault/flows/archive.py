@@ -2,9 +2,10 @@
 
 Steps: list the files, plan the datablocks, clear what a crashed run may have left, check LTS has
 room, write every datablock (checksummed while streamed), read each back uncached and verify it,
-write the manifest, and only then delete the landing data. One archive run per dataset at a time;
-a failed or cancelled run removes its partial datablocks and leaves the landing data as it was, so
-a re-run starts clean.
+write the manifest, and only then delete the landing data. One archive run per dataset at a time
+(a ``flock`` on LTS, which the kernel frees when its holder is killed); a failed or cancelled run
+removes its partial datablocks and leaves the landing data as it was, and the next run removes
+whatever a killed one left, so a re-run converges.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, wait
 
 from skyvault.archive import lts as lts_store
-from skyvault.archive.lts import build_manifest, manifest_path
+from skyvault.archive.lts import build_manifest, dataset_lock, manifest_path
 from skyvault.archive.packing import dataset_source
 from skyvault.config.settings import StoreSettings, get_settings
-from skyvault.errors import DatasetError, InvalidIdentifierError
+from skyvault.errors import DatasetError, InvalidIdentifierError, LockTimeoutError
 from skyvault.ids import check_id
 from skyvault.models import ArchiveResult, Datablock, DatablockInfo, DatasetFile, DatasetSource, Manifest
 from skyvault.tasks.archive import (
@@ -35,9 +36,9 @@ from skyvault.tasks.archive import (
     write_datablock,
     write_manifest,
 )
-from skyvault.tasks.locks import dataset_lock
 
-CLEANUP_LOCK_TIMEOUT_SECONDS = 60.0
+#: The failure hook only tries the lock: a run holding it removes partial files itself when it starts.
+CLEANUP_LOCK_TIMEOUT_SECONDS = 0.0
 
 
 def artifact_key(*parts: str) -> str:
@@ -55,9 +56,9 @@ def _clean_up(flow: Any, flow_run: Any, state: Any) -> None:
         return
     settings = get_settings()
     try:
-        with dataset_lock("archive", dataset_id, timeout_seconds=CLEANUP_LOCK_TIMEOUT_SECONDS):
+        with dataset_lock(settings.lts, "archive", dataset_id, timeout_seconds=CLEANUP_LOCK_TIMEOUT_SECONDS):
             removed = lts_store.remove_partial(settings.lts, dataset_id)
-    except TimeoutError:
+    except LockTimeoutError:
         logger.warning(
             "dataset %r: another archive run holds the dataset; it cleans up after itself", dataset_id
         )
@@ -132,7 +133,7 @@ def archive(
     settings = get_settings()
     lts, store = settings.lts, settings.store
     keep = lts.keep_landing if keep_landing is None else keep_landing
-    with dataset_lock("archive", dataset_id):
+    with dataset_lock(lts, "archive", dataset_id, timeout_seconds=settings.locks.wait_seconds):
         files: list[DatasetFile] = list_dataset(source, store)
         manifest = read_manifest(lts, dataset_id)
         if manifest is not None:

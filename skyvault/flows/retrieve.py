@@ -3,7 +3,8 @@
 Each datablock already in ``<retrieval-prefix>/<dataset-id>/`` with the manifest's size and sha256
 is reused; the others are read from LTS, verified against the manifest and uploaded. The user gets
 presigned URLs and a download script that fetches and checks every block. Retrievals of one
-dataset run one at a time, so a second request waits for the first and then reuses its copies.
+dataset run one at a time (a ``flock`` on LTS), so a second request, from any process, waits for
+the first and then reuses its copies.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.futures import wait
 
-from skyvault.archive.lts import dataset_dir
+from skyvault.archive.lts import dataset_dir, dataset_lock
 from skyvault.config.settings import get_settings
 from skyvault.errors import MissingFilesError
 from skyvault.flows.archive import artifact_key
@@ -25,7 +26,6 @@ from skyvault.tasks.archive import (
     upload_datablock,
     verify_datablock,
 )
-from skyvault.tasks.locks import dataset_lock
 
 
 def _summary(result: RetrieveResult) -> str:
@@ -56,7 +56,7 @@ def retrieve(dataset_id: str) -> RetrieveResult:
     check_id(dataset_id, "dataset id")
     settings = get_settings()
     lts, store = settings.lts, settings.store
-    with dataset_lock("retrieve", dataset_id):
+    with dataset_lock(lts, "retrieve", dataset_id, timeout_seconds=settings.locks.wait_seconds):
         manifest = read_manifest(lts, dataset_id)
         if manifest is None:
             raise MissingFilesError(

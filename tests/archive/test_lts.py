@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import tarfile
 from pathlib import Path
@@ -12,8 +13,10 @@ import pytest
 
 from skyvault.archive.lts import (
     build_manifest,
+    dataset_lock,
     download_script,
     ensure_free_space,
+    lock_path,
     publish_retrieval,
     read_manifest,
     remove_partial,
@@ -25,7 +28,13 @@ from skyvault.archive.lts import (
 )
 from skyvault.archive.packing import dataset_source, list_dataset, plan_datablocks
 from skyvault.config.settings import LtsSettings, StoreSettings
-from skyvault.errors import DatasetError, InsufficientSpaceError, MissingFilesError, VerificationError
+from skyvault.errors import (
+    DatasetError,
+    InsufficientSpaceError,
+    LockTimeoutError,
+    MissingFilesError,
+    VerificationError,
+)
 from skyvault.models import Datablock, DatasetSource
 from skyvault.storage.store import open_store
 
@@ -268,3 +277,30 @@ def test_a_missing_lts_mount_fails_instead_of_filling_its_parent(tmp_path: Path)
     assert not (tmp_path / "mnt").exists()
     ensure_free_space(lts.model_copy(update={"create_root": True}), "ds-1", 10)
     assert (tmp_path / "mnt" / "lts").is_dir()
+
+
+def test_dataset_locks_are_per_kind_and_dataset_and_name_their_holder(
+    tmp_path: Path, lts: LtsSettings
+) -> None:
+    with dataset_lock(lts, "archive", "ds1", timeout_seconds=0):
+        assert lock_path(lts, "archive", "ds1") == lts.root / ".locks" / "archive-ds1.lock"
+        me = f"{socket.gethostname()}:{os.getpid()}"
+        with (
+            pytest.raises(LockTimeoutError, match=rf"archive of dataset 'ds1'.*held by {me} after 0.2 s"),
+            dataset_lock(lts, "archive", "ds1", timeout_seconds=0.2),
+        ):
+            pass
+        with (
+            dataset_lock(lts, "retrieve", "ds1", timeout_seconds=0),
+            dataset_lock(lts, "archive", "ds2", timeout_seconds=0),
+        ):
+            pass
+    with dataset_lock(lts, "archive", "ds1", timeout_seconds=0):
+        pass
+
+    missing = LtsSettings(root=tmp_path / "mnt" / "lts")
+    with pytest.raises(
+        DatasetError, match=r"does not exist \(not mounted\?\); cannot retrieve dataset 'ds1'"
+    ):
+        dataset_lock(missing, "retrieve", "ds1", timeout_seconds=0)
+    assert not (tmp_path / "mnt").exists()

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import multiprocessing
 import os
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from skyvault.models import Product
 from skyvault.stac.item import validate_item
 from skyvault.storage.store import open_store
 from tests.stac.test_item import put_cog
+from tests.storage.test_lock import serial_moto_endpoint, serial_s3_settings  # noqa: F401 - fixtures
 
 SCENES = CollectionConfig(
     id="scenes", title="Test scenes", description="Scenes for tests", license="CC-BY-4.0", keywords=["test"]
@@ -226,6 +229,52 @@ def test_parallel_upserts_from_threads_lose_no_link_or_extent(store: StoreSettin
         link["href"] for link in read_json(store, "catalog/catalog.json")["links"] if link["rel"] == "child"
     ]
     assert sorted(children) == ["./others/collection.json", "./scenes/collection.json"]
+
+
+def upsert_one_by_one(start: Event, store: StoreSettings, worker: int, count: int) -> None:
+    """A registering process: ``count`` items of its own, upserted one call each."""
+    catalog = open_catalog(CATALOG, store)
+    start.wait()
+    for i in range(count):
+        n = worker * count + i
+        item = make_item(
+            f"w{worker}-{i:02d}",
+            store,
+            bbox=(-90.0 + n, -40.0 + worker, -89.5 + n, -30.0),
+            when=T0 + dt.timedelta(hours=n),
+        )
+        assert catalog.upsert_items(SCENES, [item])[0].created
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_parallel_upserts_from_processes_keep_every_link_and_the_extent(
+    kind: str, store: StoreSettings, request: pytest.FixtureRequest
+) -> None:
+    if kind == "s3":
+        store = request.getfixturevalue("serial_s3_settings")
+    workers, count = 4, 40
+    spawn = multiprocessing.get_context("spawn")
+    start = spawn.Event()
+    procs = [spawn.Process(target=upsert_one_by_one, args=(start, store, w, count)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0] * workers
+
+    expected = sorted(f"./w{w}-{i:02d}/w{w}-{i:02d}.json" for w in range(workers) for i in range(count))
+    assert sorted(link["href"] for link in item_links(store)) == expected
+    last = workers * count - 1
+    assert extent(store) == (
+        [-90.0, -40.0, -89.5 + last, -30.0],
+        ["2024-05-01T00:00:00Z", pystac.utils.datetime_to_str(T0 + dt.timedelta(hours=last))],
+    )
+    children = [
+        link["href"] for link in read_json(store, "catalog/catalog.json")["links"] if link["rel"] == "child"
+    ]
+    assert children == ["./scenes/collection.json"]
+    assert len(open_catalog(CATALOG, store).search("scenes")) == workers * count
 
 
 def test_search_by_time_bbox_and_ids(store: StoreSettings) -> None:

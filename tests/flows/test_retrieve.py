@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import socket
 import subprocess
 import threading
 from collections.abc import Callable
@@ -12,13 +14,16 @@ from pathlib import Path
 
 import boto3
 import pytest
+from prefect.settings import PREFECT_API_URL
 
+from skyvault.archive.lts import lock_path
 from skyvault.config.settings import Settings, StoreSettings
-from skyvault.errors import MissingFilesError, VerificationError
+from skyvault.errors import LockTimeoutError, MissingFilesError, VerificationError
 from skyvault.flows.archive import archive
 from skyvault.flows.retrieve import retrieve
 from skyvault.models import RetrieveResult
 from skyvault.storage.store import open_store
+from tests.flows.test_archive import kill, skyvault_env, skyvault_result, start_skyvault, wait_for
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -161,3 +166,64 @@ def test_retrieval_refuses_corrupt_lts_blocks_and_unarchived_datasets(archived: 
 
     with pytest.raises(MissingFilesError, match="ds-never"):
         retrieve("ds-never")
+
+
+def holds_lock(
+    settings: Settings, kind: str, dataset_id: str, proc: subprocess.Popen[str]
+) -> Callable[[], bool]:
+    """Whether ``proc`` holds the dataset's lock (its holder name is written into the lock file)."""
+    path = lock_path(settings.lts, kind, dataset_id)
+    me = f"{socket.gethostname()}:{proc.pid}"
+    return lambda: path.exists() and path.read_text() == me
+
+
+def test_a_retrieval_in_another_process_is_waited_for_and_its_copies_reused(
+    archived: Settings, tmp_path: Path
+) -> None:
+    other = start_skyvault(skyvault_env(tmp_path, PREFECT_API_URL.value()), "upload", "retrieve", "ds-shared")
+    try:
+        wait_for(other, holds_lock(archived, "retrieve", "ds-shared", other))
+
+        mine = retrieve("ds-shared")  # waits for the other process, then finds every block there
+
+        out, _ = other.communicate(timeout=300)
+    finally:
+        kill(other)
+    assert other.returncode == 0, out
+    theirs = skyvault_result(out)
+    assert [b["copied"] for b in theirs["datablocks"]] == [True, True, True]
+    assert [b.copied for b in mine.datablocks] == [False, False, False]
+
+
+def test_a_killed_retrieval_never_blocks_the_next_which_copies_the_rest(
+    configure: Callable[..., Settings], archived: Settings, tmp_path: Path
+) -> None:
+    settings = configure(
+        archived.store,
+        lts={**archived.lts.model_dump(mode="json"), "root": str(archived.lts.root)},
+        locks={"wait_seconds": 1},
+    )
+    store = open_store(settings.store)
+
+    def copied() -> set[str]:
+        return {o.key.rsplit("/", 1)[1] for o in store.list("retrieval/ds-shared/") if o.key.endswith(".tar")}
+
+    other = start_skyvault(skyvault_env(tmp_path, PREFECT_API_URL.value()), "upload", "retrieve", "ds-shared")
+    held = holds_lock(settings, "retrieve", "ds-shared", other)
+    try:
+        wait_for(other, lambda: held() and len(copied()) == 1)
+        with pytest.raises(
+            LockTimeoutError, match=rf"retrieve of dataset 'ds-shared'.* {socket.gethostname()}:{other.pid} "
+        ):
+            retrieve("ds-shared")
+    finally:
+        kill(other)
+    assert other.returncode == -signal.SIGKILL
+    done = copied()
+    assert len(done) in (1, 2)
+
+    result = retrieve("ds-shared")
+
+    assert {b.name for b in result.datablocks if not b.copied} == done
+    assert len(result.datablocks) == 3
+    run_download_script(result, settings.store, tmp_path / "download")
