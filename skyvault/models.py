@@ -108,6 +108,34 @@ class ProductOutcome(_Record):
     tiles: int = 0
 
 
+StatusState = Literal["running", "done", "failed"]
+
+
+class ProductStatus(BaseModel):
+    """A product's status record on the object store (``status/<collection>/<product-id>.json``).
+
+    ``process-product`` writes ``running`` as each step starts, ``failed`` with the step that
+    failed, and ``done`` last, once the COG, the item and (when seeded) the tiles and TileJSON
+    exist. ``step`` of a ``done`` record is the last step done: ``seed`` when tiles were rendered,
+    ``register`` when seeding was off. Unknown fields are ignored, so older readers accept newer
+    records.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    collection: str
+    product_id: str
+    state: StatusState
+    step: str | None = None
+    message: str = ""
+    flow_run_id: str | None = None
+    cog_key: str | None = None
+    source_sha256: str | None = None
+    item_href: str | None = None
+    tiles: int = 0
+    updated_at: dt.datetime
+
+
 class IngestSummary(_Record):
     """What an ingest run did: counts and one line per product."""
 

@@ -2,63 +2,92 @@
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from typing import Any
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_table_artifact
-from prefect.client.schemas.objects import State, StateType
-from prefect.futures import PrefectFuture
+from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
 from skyvault.config.settings import get_settings
-from skyvault.errors import CatalogError, MissingDatetimeError, TilingError
 from skyvault.flows.process import process_product
-from skyvault.models import Discovery, IngestSummary, Product, ProductOutcome
+from skyvault.models import Discovery, IngestSummary, Product, ProductOutcome, ProductStatus
+from skyvault.status import needs_processing
 from skyvault.tasks.catalog import find_existing_items
 from skyvault.tasks.discovery import discover, products_from_report
-from skyvault.tasks.status import PROCESS_PRODUCT, last_run_failed, read_product_states, run_name
-
-_STEP_OF = ((MissingDatetimeError, "register"), (CatalogError, "register"), (TilingError, "seed"))
+from skyvault.tasks.status import read_statuses
 
 
-def _step_of(exc: BaseException) -> str:
-    for kind, step in _STEP_OF:
-        if isinstance(exc, kind):
-            return step
-    return "preprocess"
+class _Slot:
+    """One product's place in the window: started once its run is Running, freed once it ends.
 
-
-@task(name="run-product", retries=0)
-def run_product(product: Product, replace: bool, seed_tiles: bool) -> ProductOutcome:
-    """Run process-product for one product and turn its final state into an outcome line.
-
-    Never raises for a product's own failure: one product failing must not stop the batch.
+    Starting a subflow run derives its tracking task's key from a counter shared by the parent
+    run's threads, so two products started at the same instant could be given the same tracking
+    task (and then the same flow run): each start is awaited (until the run is Running) before
+    the next. The slot frees as soon as the run reaches its final state, before Prefect's own
+    teardown of the run (which waits up to a second for its heartbeat thread), so the next product
+    starts at once.
     """
-    state = process_product(product, replace=replace, seed_tiles=seed_tiles, return_state=True)
-    if state.is_completed():
-        outcome: ProductOutcome = state.result()
-        return outcome
-    exc = state.result(raise_on_failure=False)
-    message = str(exc) if isinstance(exc, BaseException) else (state.message or state.name or "failed")
-    return ProductOutcome(
-        collection=product.collection,
-        product_id=product.id,
-        state="failed",
-        step=_step_of(exc) if isinstance(exc, BaseException) else None,
-        message=message,
-    )
+
+    def __init__(self, slots: threading.Semaphore) -> None:
+        self.started = threading.Event()
+        self._slots = slots
+        self._freed = False
+        self._lock = threading.Lock()
+
+    def free(self) -> None:
+        with self._lock:
+            if self._freed:
+                return
+            self._freed = True
+        self.started.set()
+        self._slots.release()
+
+
+_SLOT: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar("skyvault_product_slot", default=None)
+
+
+def _run_started(flow: Any, flow_run: Any, state: Any) -> None:
+    if slot := _SLOT.get():
+        slot.started.set()
+
+
+def _run_ended(flow: Any, flow_run: Any, state: Any) -> None:
+    if slot := _SLOT.get():
+        slot.free()
+
+
+_process_product = process_product.with_options(
+    on_running=[_run_started],
+    on_completion=[_run_ended],
+    on_failure=[_run_ended],
+    on_crashed=[_run_ended],
+    on_cancellation=[_run_ended],
+)
 
 
 def select_products(
-    discovery: Discovery, registered: set[tuple[str, str]], states: dict[str, StateType], replace: bool
+    discovery: Discovery,
+    registered: set[tuple[str, str]],
+    statuses: dict[tuple[str, str], ProductStatus],
+    *,
+    replace: bool,
+    seed_tiles: bool,
 ) -> tuple[list[Product], list[ProductOutcome]]:
-    """Split discovered products into those to process and those already done (skipped)."""
+    """Split discovered products into those to process and those already done (skipped).
+
+    See :func:`skyvault.status.needs_processing` for the rule.
+    """
     todo: list[Product] = []
     skipped: list[ProductOutcome] = []
     for product in discovery.products:
         key = (product.collection, product.id)
-        state = states.get(run_name(PROCESS_PRODUCT, *key))
-        if replace or key not in registered or last_run_failed(state):
+        if needs_processing(statuses.get(key), key in registered, replace=replace, seed_tiles=seed_tiles):
             todo.append(product)
         else:
             skipped.append(
@@ -66,10 +95,68 @@ def select_products(
                     collection=product.collection,
                     product_id=product.id,
                     state="skipped",
-                    message="already registered",
+                    message="already done",
                 )
             )
     return todo, skipped
+
+
+def outcome_of(product: Product, state: State[Any]) -> ProductOutcome:
+    """The summary line of one finished ``process-product`` run, from its final state."""
+    data = state.result(raise_on_failure=False)
+    if isinstance(data, ProductOutcome):
+        return data
+    text = str(data) if isinstance(data, BaseException) else (state.message or state.name or "failed")
+    label = f"{product.collection}/{product.id}"
+    return ProductOutcome(
+        collection=product.collection,
+        product_id=product.id,
+        state="failed",
+        message=text if product.id in text else f"product {label}: {text}",
+    )
+
+
+def _run_one(product: Product, replace: bool, seed_tiles: bool, slot: _Slot) -> ProductOutcome:
+    """Run process-product for one product (inside a copy of the ingest run's context)."""
+    _SLOT.set(slot)
+    try:
+        state = _process_product(product, replace=replace, seed_tiles=seed_tiles, return_state=True)
+        return outcome_of(product, state)
+    except Exception as e:  # noqa: BLE001 - the run could not even start: this product fails alone
+        return ProductOutcome(
+            collection=product.collection,
+            product_id=product.id,
+            state="failed",
+            message=f"product {product.collection}/{product.id}: process-product could not run: {e}",
+        )
+    finally:
+        slot.free()
+
+
+def run_products(
+    products: Iterable[Product], *, replace: bool, seed_tiles: bool, window: int
+) -> Iterator[ProductOutcome]:
+    """Run ``process-product`` for each product, at most ``window`` at a time, as subflows.
+
+    A slot frees as soon as any product's run ends (no head-of-line blocking), and products are
+    taken from ``products`` only as slots free, so a large backlog streams through. Yields one
+    outcome per product, in completion order; never raises for a product's failure.
+    """
+    slots = threading.Semaphore(window)
+    # twice the window: a thread whose run has ended may still be in Prefect's teardown
+    with ThreadPoolExecutor(max_workers=2 * window, thread_name_prefix="product") as pool:
+        running: set[Future[ProductOutcome]] = set()
+        for product in products:
+            slots.acquire()
+            finished = {f for f in running if f.done()}
+            running -= finished
+            yield from (f.result() for f in finished)
+            slot = _Slot(slots)
+            context = contextvars.copy_context()
+            running.add(pool.submit(context.run, _run_one, product, replace, seed_tiles, slot))
+            slot.started.wait()
+        for future in as_completed(running):
+            yield future.result()
 
 
 def _ingest_run_name() -> str:
@@ -91,34 +178,36 @@ def ingest(
 ) -> State[IngestSummary]:
     """Discover products under ``landing/<collection>/`` (or read one report) and process each.
 
-    Products already registered are skipped unless ``replace`` or their last run failed. Products
-    run with bounded concurrency (``settings.concurrency.products``); a failed product never fails
-    the others. The run ends Completed when every product is done or skipped, Completed named
-    ``Partial`` when some failed, Failed when nothing succeeded. A table artifact lists every product.
+    A product is skipped when its status record (``status/<collection>/<id>.json``) says done and
+    the catalog holds its item, unless ``replace``. Each other product runs as a
+    ``process-product/<collection>/<id>`` subflow, at most ``settings.concurrency.products`` at a
+    time; a failed product never fails the others. The run ends Completed when every product is
+    done or skipped, Completed named ``Partial`` when some failed, Failed when nothing succeeded.
+    A table artifact lists every product.
     """
     settings = get_settings()
     if report:
-        discovery = products_from_report(settings.store, settings.collections, report)
+        discovery = products_from_report(settings.store, settings.collections, report, limits=settings.limits)
     else:
         discovery = discover(
-            settings.store, settings.collections, collection=collection, since=since, pattern=pattern
+            settings.store,
+            settings.collections,
+            collection=collection,
+            since=since,
+            pattern=pattern,
+            limits=settings.limits,
         )
-    pairs = [(p.collection, p.id) for p in discovery.products]
-    registered = find_existing_items(pairs, settings.catalog, settings.store)
-    states = read_product_states(pairs)
-    todo, outcomes = select_products(discovery, registered, states, replace)
-
-    window = settings.concurrency.products
-    running: list[PrefectFuture[ProductOutcome]] = []
-    for product in todo:
-        if len(running) >= window:
-            outcomes.append(running.pop(0).result())
-        running.append(
-            run_product.with_options(task_run_name=run_name("run", product.collection, product.id)).submit(
-                product, replace, seed_tiles
-            )
-        )
-    outcomes.extend(f.result() for f in running)
+    statuses: dict[tuple[str, str], ProductStatus] = {}
+    registered: set[tuple[str, str]] = set()
+    if not replace and discovery.products:
+        statuses = read_statuses([(p.collection, p.id) for p in discovery.products], settings.store)
+        done = [key for key, status in statuses.items() if status.state == "done"]
+        if done:
+            registered = find_existing_items(done, settings.catalog, settings.store)
+    todo, outcomes = select_products(discovery, registered, statuses, replace=replace, seed_tiles=seed_tiles)
+    outcomes.extend(
+        run_products(todo, replace=replace, seed_tiles=seed_tiles, window=settings.concurrency.products)
+    )
     outcomes.extend(
         ProductOutcome(
             collection=f.collection, product_id=f.key, state="failed", step="discover", message=f.message

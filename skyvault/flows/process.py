@@ -1,69 +1,127 @@
-"""Per-product flows: preprocess, register, and process-product (preprocess → register → seed).
+"""The per-product flow: ``process-product`` = preprocess → register → seed, as tasks of one run.
 
-Run names are predictable, ``<step>/<collection>/<product>``, so the Prefect UI and API find the
-newest run of any step for any product.
+Its run name, ``process-product/<collection>/<product>``, is the product's page in the Prefect UI.
+What is done is recorded on the object store, not in run history: a status record
+(:mod:`skyvault.status`) says ``running`` as each step starts, ``failed`` with the step that
+failed, and ``done`` last, once the COG, the item and the tiles exist.
 """
 
 from __future__ import annotations
 
-from prefect import flow
+from typing import Any
 
-from skyvault.config.settings import get_settings
-from skyvault.flows.seed import seed
-from skyvault.models import CogInfo, ItemRef, Product, ProductOutcome, SeedResult
+from prefect import flow, get_run_logger
+from prefect.client.schemas.objects import State
+from prefect.runtime import flow_run
+from prefect.states import Completed, Failed
+
+from skyvault.config.settings import Settings, get_settings
+from skyvault.errors import SkyvaultError
+from skyvault.flows.seed import run_seed
+from skyvault.models import Product, ProductOutcome, ProductStatus, SeedRequest, StatusState
+from skyvault.status import now, write_status
 from skyvault.tasks.catalog import read_item, register_product
 from skyvault.tasks.cog import preprocess_product
-from skyvault.tasks.status import run_name
 from skyvault.tiles.seeding import reseed_extent
 
 
-@flow(name="preprocess", flow_run_name="preprocess/{product.collection}/{product.id}")
-def preprocess(product: Product, replace: bool = False) -> CogInfo:
-    """Convert one product's raster to a validated COG on the object store."""
-    settings = get_settings()
-    collection = settings.collection(product.collection)
-    return preprocess_product(product, collection, settings.store, settings.scratch_dir, replace=replace)
+class _Recorder:
+    """Writes one product's status records, stamped with this flow run's id."""
+
+    def __init__(self, product: Product, settings: Settings) -> None:
+        self.product = product
+        self.settings = settings
+        self.run_id = str(flow_run.id) if flow_run.id else None
+
+    def write(self, state: StatusState, step: str, message: str = "", **outputs: Any) -> None:
+        write_status(
+            ProductStatus(
+                collection=self.product.collection,
+                product_id=self.product.id,
+                state=state,
+                step=step,
+                message=message,
+                flow_run_id=self.run_id,
+                updated_at=now(),
+                **outputs,
+            ),
+            self.settings.store,
+        )
 
 
-@flow(name="register", flow_run_name="register/{product.collection}/{product.id}")
-def register(product: Product, cog: CogInfo) -> ItemRef:
-    """Describe one COG as a STAC item and upsert it into the catalog."""
-    settings = get_settings()
-    collection = settings.collection(product.collection)
-    return register_product(product, cog, collection, settings.catalog, settings.store)
+def _naming(product: Product, exc: BaseException) -> str:
+    """The error's message, prefixed with the product when it does not name it already."""
+    text = str(exc) or type(exc).__name__
+    return text if product.id in text else f"product {product.collection}/{product.id}: {text}"
 
 
 @flow(name="process-product", flow_run_name="process-product/{product.collection}/{product.id}")
-def process_product(product: Product, replace: bool = False, seed_tiles: bool = True) -> ProductOutcome:
-    """Preprocess, register and seed one product.
+def process_product(
+    product: Product, replace: bool = False, seed_tiles: bool = True
+) -> State[ProductOutcome]:
+    """Preprocess, register and (unless ``seed_tiles`` is false) seed one product.
 
     With ``replace`` the COG is rebuilt and the tiles of both the old and the new extent are
-    re-rendered. A seeding failure fails this run but leaves the registration in place.
+    re-rendered. A failure ends this run Failed with the failed step and a message naming the
+    product (also in the returned outcome and the status record); earlier outputs stay in place,
+    so a seeding failure leaves the registration.
     """
     settings = get_settings()
-    collection = settings.collection(product.collection)
-    previous = read_item(collection.id, product.id, settings.catalog, settings.store) if replace else None
-    cog = preprocess.with_options(flow_run_name=run_name("preprocess", collection.id, product.id))(
-        product, replace=replace
-    )
-    item = register.with_options(flow_run_name=run_name("register", collection.id, product.id))(product, cog)
-    tiles = SeedResult(collection=collection.id)
-    if seed_tiles:
-        start, end, bbox = reseed_extent(item, previous)
-        tiles = seed.with_options(flow_run_name=run_name("seed", collection.id, product.id))(
-            collection.id,
-            start=start,
-            end=end,
-            bbox=bbox,
-            force=replace,
-            previous_items=[previous] if previous else None,
+    logger = get_run_logger()
+    status = _Recorder(product, settings)
+    step = "preprocess"
+    try:
+        collection = settings.collection(product.collection)
+        status.write("running", "preprocess")
+        previous = None
+        if replace:
+            step = "register"
+            previous = read_item(collection.id, product.id, settings.catalog, settings.store)
+        step = "preprocess"
+        cog = preprocess_product(
+            product, collection, settings.store, settings.scratch_dir, replace=replace, limits=settings.limits
         )
-    return ProductOutcome(
-        collection=collection.id,
-        product_id=product.id,
-        state="done",
-        cog_key=cog.key,
-        item_href=item.href,
-        tiles=tiles.written,
-        message="converted" if cog.created else "COG up to date",
-    )
+        step = "register"
+        status.write("running", step, cog_key=cog.key, source_sha256=cog.source_sha256)
+        item = register_product(product, cog, collection, settings.catalog, settings.store)
+        tiles = 0
+        if seed_tiles:
+            step = "seed"
+            status.write(
+                "running", step, cog_key=cog.key, source_sha256=cog.source_sha256, item_href=item.href
+            )
+            start, end, bbox = reseed_extent(item, previous)
+            request = SeedRequest(collection=collection.id, start=start, end=end, bbox=bbox, force=replace)
+            seeded, _, _ = run_seed(request, settings, [previous] if previous else ())
+            tiles = seeded.written
+        outcome = ProductOutcome(
+            collection=collection.id,
+            product_id=product.id,
+            state="done",
+            cog_key=cog.key,
+            item_href=item.href,
+            tiles=tiles,
+            message="converted" if cog.created else "COG up to date",
+        )
+        last, step = step, "status"
+        status.write(
+            "done",
+            last,
+            outcome.message,
+            cog_key=cog.key,
+            source_sha256=cog.source_sha256,
+            item_href=item.href,
+            tiles=tiles,
+        )
+    except Exception as e:  # one product's failure, whatever it is, ends only this run
+        message = _naming(product, e)
+        logger.error("failed at %s: %s", step, message, exc_info=True)
+        try:
+            status.write("failed", step, message)
+        except SkyvaultError as w:
+            logger.warning("the failure of %s could not be recorded: %s", product.id, w)
+        failed = ProductOutcome(
+            collection=product.collection, product_id=product.id, state="failed", step=step, message=message
+        )
+        return Failed(message=f"{step}: {message}", data=failed)
+    return Completed(message=outcome.message, data=outcome)

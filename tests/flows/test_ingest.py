@@ -1,20 +1,33 @@
-"""End-to-end: ingest → preprocess → register → seed on a local folder and on S3 (moto server)."""
+"""End-to-end ingest on a local folder and on S3 (moto server); status records; convergence after SIGKILL."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import morecantile
 import numpy as np
 import pytest
 import rasterio
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterName,
+    FlowRunFilterParentTaskRunId,
+)
+from prefect.client.schemas.objects import State, StateType
 from pyproj import Transformer
 from rasterio.io import MemoryFile
 from rio_cogeo.cogeo import cog_validate
@@ -24,11 +37,11 @@ from skyvault.catalog.registration import open_catalog
 from skyvault.config.provision import provision_tag_limits
 from skyvault.config.settings import Settings, StoreSettings
 from skyvault.flows.ingest import ingest
-from skyvault.models import IngestSummary, ProductOutcome
+from skyvault.models import IngestSummary, ProductOutcome, ProductStatus
 from skyvault.samples import SIZE, UTM_ORIGIN, UTM_PIXEL, write_samples
 from skyvault.stac.item import validate_item
+from skyvault.status import read_status
 from skyvault.storage.store import ObjectStore, open_store
-from skyvault.tasks.status import latest_states, run_name
 from skyvault.tiles.seeding import time_key
 from tests.conftest import write_raster
 
@@ -37,16 +50,49 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 GOOD = ["DEM_N47E010", "DEM_UTM32_0001", "LS_4326_20260602", "S2_UTM_20260601"]
 
 
-def run_ingest(**params: Any) -> IngestSummary:
-    state = ingest(return_state=True, **params)
+def ingest_state(**params: Any) -> State[IngestSummary]:
+    return cast("State[IngestSummary]", ingest(return_state=True, **params))
+
+
+def summary_of(state: State[IngestSummary]) -> IngestSummary:
     summary = state.result(raise_on_failure=False)
     assert isinstance(summary, IngestSummary), f"ingest ended {state.type}: {state.message}"
     return summary
 
 
+def run_ingest(**params: Any) -> IngestSummary:
+    return summary_of(ingest_state(**params))
+
+
 def flow_runs_named(name: str) -> list[Any]:
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+
+
+def graph(state: State[Any]) -> tuple[list[str], dict[str, tuple[StateType | None, StateType | None]]]:
+    """An ingest run's graph: its task run names, and per child flow run the run's state and the
+    state of the node that stands for it in the parent's graph."""
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])),
+            limit=200,
+        )
+        nodes = {t.id: t for t in tasks}
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_task_run_id=FlowRunFilterParentTaskRunId(any_=list(nodes))),
+            limit=200,
+        )
+    return [t.name for t in tasks], {
+        run.name: (run.state_type, nodes[run.parent_task_run_id].state_type)
+        for run in children
+        if run.parent_task_run_id is not None
+    }
+
+
+def status_of(settings: Settings, collection: str, product: str) -> ProductStatus:
+    found = read_status(collection, product, settings.store)
+    assert found is not None, f"no status record for {collection}/{product}"
+    return found
 
 
 def by_id(summary: IngestSummary) -> dict[str, ProductOutcome]:
@@ -84,7 +130,8 @@ def test_full_pipeline_and_rerun(settings: Settings) -> None:
     write_samples(store, broken=True)
     landing_before = snapshot(store, "landing/")
 
-    summary = run_ingest()
+    state = ingest_state()
+    summary = summary_of(state)
 
     outcomes = by_id(summary)
     assert sorted(outcomes) == sorted([*GOOD, "BROKEN_20260603"])
@@ -96,17 +143,30 @@ def test_full_pipeline_and_rerun(settings: Settings) -> None:
     assert broken.step == "preprocess"
     assert snapshot(store, "landing/") == landing_before
 
-    # every step of every product has a run under a predictable name, with its final state
-    states = latest_states(
-        run_name(step, coll, pid)
-        for step in ("process-product", "preprocess", "register", "seed")
-        for coll, pid in [("demo-scenes", "S2_UTM_20260601"), ("demo-dem", "DEM_N47E010")]
-    )
-    assert len(states) == 8
-    assert set(states.values()) == {StateType.COMPLETED}
-    assert latest_states([run_name("process-product", "demo-scenes", "BROKEN_20260603")]) == {
-        "process-product/demo-scenes/BROKEN_20260603": StateType.FAILED
+    # the ingest run is Partial; in its graph each product is its process-product run, red if failed
+    assert state.is_completed()
+    assert state.name == "Partial"
+    task_names, children = graph(state)
+    coll_of = {"DEM_N47E010": "demo-dem", "DEM_UTM32_0001": "demo-dem"}
+    expected = {
+        f"process-product/{coll_of.get(pid, 'demo-scenes')}/{pid}": (StateType.COMPLETED, StateType.COMPLETED)
+        for pid in GOOD
     }
+    expected["process-product/demo-scenes/BROKEN_20260603"] = (StateType.FAILED, StateType.FAILED)
+    assert children == expected
+    assert not any(name.startswith("run/") for name in task_names)
+    # one flow run per product: its steps are tasks, not runs of their own
+    for step in ("preprocess", "register", "seed"):
+        assert flow_runs_named(f"{step}/demo-scenes/S2_UTM_20260601") == []
+
+    # what is done is recorded on the store, written last
+    for pid in GOOD:
+        done = status_of(settings, coll_of.get(pid, "demo-scenes"), pid)
+        assert (done.state, done.step, done.cog_key) == ("done", "seed", outcomes[pid].cog_key)
+        assert done.tiles == outcomes[pid].tiles
+    failed = status_of(settings, "demo-scenes", "BROKEN_20260603")
+    assert (failed.state, failed.step) == ("failed", "preprocess")
+    assert "BROKEN_20260603" in failed.message
 
     # COGs are valid and where the layout says
     for coll, pid in [("demo-dem", "DEM_N47E010"), ("demo-scenes", "S2_UTM_20260601")]:
@@ -180,15 +240,14 @@ def test_full_pipeline_and_rerun(settings: Settings) -> None:
 
     # second run: nothing converted, nothing rewritten, no duplicate items
     outputs = {p: stamps(store, p) for p in ("cogs/", "catalog/", "tiles/")}
-    preprocess_runs = len(flow_runs_named(run_name("preprocess", "demo-scenes", "S2_UTM_20260601")))
-    summary2 = run_ingest()
-    outcomes2 = by_id(summary2)
+    state2 = ingest_state()
+    outcomes2 = by_id(summary_of(state2))
     for pid in GOOD:
         assert outcomes2[pid].state == "skipped", outcomes2[pid]
     assert outcomes2["BROKEN_20260603"].state == "failed"
     for p in ("cogs/", "catalog/", "tiles/"):
         assert stamps(store, p) == outputs[p], p
-    assert len(flow_runs_named(run_name("preprocess", "demo-scenes", "S2_UTM_20260601"))) == preprocess_runs
+    assert list(graph(state2)[1]) == ["process-product/demo-scenes/BROKEN_20260603"]
     collection = json.loads(store.get_bytes(f"{settings.catalog.prefix}/demo-scenes/collection.json"))
     item_links = [link["href"] for link in collection["links"] if link["rel"] == "item"]
     assert len(item_links) == len(set(item_links)) == 2
@@ -252,16 +311,258 @@ def _product(pid: str) -> Any:
     )
 
 
-def test_select_products_skips_only_registered_products_whose_last_run_did_not_fail() -> None:
+def test_select_products_skips_only_products_recorded_done_and_registered() -> None:
     from skyvault.flows.ingest import select_products
 
-    registered = {("c", "p")}
-    name = run_name("process-product", "c", "p")
-    todo, skipped = select_products(_product("p"), registered, {name: StateType.COMPLETED}, replace=False)
-    assert (todo, [o.state for o in skipped]) == ([], ["skipped"])
-    todo, skipped = select_products(_product("p"), registered, {name: StateType.FAILED}, replace=False)
-    assert [p.id for p in todo] == ["p"]
-    todo, skipped = select_products(_product("p"), registered, {name: StateType.COMPLETED}, replace=True)
-    assert [p.id for p in todo] == ["p"]
-    todo, skipped = select_products(_product("p"), set(), {}, replace=False)
-    assert [p.id for p in todo] == ["p"]
+    def recorded(state: Any) -> dict[tuple[str, str], ProductStatus]:
+        return {
+            ("c", "p"): ProductStatus(
+                collection="c", product_id="p", state=state, step="seed", updated_at=dt.datetime.now(dt.UTC)
+            )
+        }
+
+    def todo_of(
+        statuses: dict[tuple[str, str], ProductStatus], registered: set[Any], replace: bool
+    ) -> list[str]:
+        todo, skipped = select_products(_product("p"), registered, statuses, replace=replace, seed_tiles=True)
+        assert len(todo) + len(skipped) == 1
+        assert all(o.state == "skipped" for o in skipped)
+        return [p.id for p in todo]
+
+    assert todo_of(recorded("done"), {("c", "p")}, replace=False) == []
+    assert todo_of(recorded("running"), {("c", "p")}, replace=False) == ["p"]
+    assert todo_of(recorded("failed"), {("c", "p")}, replace=False) == ["p"]
+    assert todo_of(recorded("done"), set(), replace=False) == ["p"]
+    assert todo_of(recorded("done"), {("c", "p")}, replace=True) == ["p"]
+    assert todo_of({}, {("c", "p")}, replace=False) == ["p"]
+
+
+# --- status does not depend on run history --------------------------------------------------------
+
+
+def _scene(path: Path, west: float, when: str, bands: int = 3, size: int = 64) -> Path:
+    yy, xx = np.mgrid[0:size, 0:size]
+    data = np.stack([(xx * 3 + yy + 40 * b) % 250 + 1 for b in range(bands)]).astype("uint8")
+    return write_raster(
+        path,
+        data,
+        transform=rasterio.transform.from_origin(west, 47.0, 0.3 / size, 0.3 / size),
+        tags={"TIFFTAG_DATETIME": when},
+    )
+
+
+def _add_runs_named(name: str, count: int) -> None:
+    """``count`` flow runs called ``name``, newer than every run so far."""
+    from prefect import flow
+    from prefect.states import Scheduled
+
+    @flow(name="history-filler")
+    def filler() -> None:
+        return None
+
+    def add(n: int) -> None:
+        with get_client(sync_client=True) as client:
+            for _ in range(n):
+                now = dt.datetime.now(dt.UTC)
+                client.create_flow_run(filler, name=name, state=Scheduled(scheduled_time=now))
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(add, [count // 4 + (i < count % 4) for i in range(4)]))
+
+
+def _delete_all_runs() -> None:
+    with get_client(sync_client=True) as client, ThreadPoolExecutor(4) as pool:
+        while runs := client.read_flow_runs(limit=200):
+            list(pool.map(lambda run: client.delete_flow_run(run.id), runs))
+
+
+def test_status_holds_with_capped_or_deleted_run_history(
+    configure: Callable[..., Settings], tmp_path: Path
+) -> None:
+    collections: dict[str, Any] = {
+        "ok-scenes": {"render": {"bands": [1, 2, 3]}, "min_zoom": 6, "max_zoom": 8},
+        "odd-render": {
+            "render": {"bands": [1], "colormap": "no-such-colormap"},
+            "min_zoom": 6,
+            "max_zoom": 8,
+        },
+    }
+    s = configure(StoreSettings(root=tmp_path / "store"), collections=collections)
+    store = open_store(s.store)
+    store.put_file("landing/ok-scenes/A_1.tif", _scene(tmp_path / "a.tif", 10.0, "2026:03:01 00:00:00"))
+    store.put_file("landing/odd-render/B_1.tif", _scene(tmp_path / "b.tif", 11.0, "2026:03:02 00:00:00", 1))
+    undated = write_raster(
+        tmp_path / "c.tif",
+        np.full((3, 32, 32), 90, dtype="uint8"),
+        transform=rasterio.transform.from_origin(12.0, 47.0, 0.01, 0.01),
+    )
+    store.put_file("landing/ok-scenes/C_1.tif", undated)  # no time anywhere: registration fails
+
+    first = by_id(run_ingest())
+    assert first["A_1"].state == "done"
+    assert (first["C_1"].state, first["C_1"].step) == ("failed", "register")
+    assert "C_1" in first["C_1"].message
+    assert (first["B_1"].state, first["B_1"].step) == ("failed", "seed")
+    assert "B_1" in first["B_1"].message
+    assert "no-such-colormap" in first["B_1"].message
+    # registered before seeding failed: the catalog alone would call it done
+    assert [i["id"] for i in open_catalog(s.catalog, s.store).search("odd-render")] == ["B_1"]
+    assert (status_of(s, "odd-render", "B_1").state, status_of(s, "odd-render", "B_1").step) == (
+        "failed",
+        "seed",
+    )
+    done_a = status_of(s, "ok-scenes", "A_1")
+
+    # more than a server page of newer runs under other products' names
+    _add_runs_named("process-product/ok-scenes/A_1", 210)
+    second = by_id(run_ingest())
+    assert second["A_1"].state == "skipped"
+    assert (second["B_1"].state, second["B_1"].step) == ("failed", "seed")
+    assert (second["C_1"].state, second["C_1"].step) == ("failed", "register")
+
+    # no run history at all, and the cause fixed
+    _delete_all_runs()
+    collections["odd-render"]["render"]["colormap"] = "viridis"
+    s = configure(StoreSettings(root=tmp_path / "store"), collections=collections)
+    third = by_id(run_ingest())
+    assert third["A_1"].state == "skipped"
+    assert third["B_1"].state == "done"
+    assert third["B_1"].tiles > 0
+    assert status_of(s, "odd-render", "B_1").state == "done"
+    assert status_of(s, "ok-scenes", "A_1") == done_a  # a skipped product's record is left alone
+
+
+# --- a killed ingest converges on the next run ------------------------------------------------------
+
+CRASH_COLLECTIONS = {"crash-scenes": {"render": {"bands": [1, 2, 3]}, "min_zoom": 8, "max_zoom": 12}}
+OUTPUTS = ("cogs/", "catalog/", "tiles/")
+INGEST_SCRIPT = """
+import sys
+from skyvault.flows.ingest import ingest
+state = ingest(return_state=True)
+summary = state.result(raise_on_failure=False)
+sys.exit(0 if state.is_completed() and getattr(summary, "failed", 1) == 0 else 1)
+"""
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _crash_landing(store: ObjectStore, tmp_path: Path) -> None:
+    for i, (west, when) in enumerate([(9.0, "2026:04:01 10:00:00"), (10.0, "2026:04:02 10:00:00")]):
+        path = _scene(tmp_path / f"crash-{i}.tif", west, when, size=1024)
+        store.put_file(f"landing/crash-scenes/CRASH_{i}.tif", path)
+
+
+def _ingest_env(s: Settings, tmp_path: Path, api_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SKYVAULT_"))}
+    env.update(
+        SKYVAULT_CONFIG_FILE=str(s.config_file),
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+    )
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def _kill_ingest_when(env: dict[str, str], log: Path, ready: Callable[[], bool], within: float) -> None:
+    """Start an ingest process, SIGKILL it (and its process group) as soon as ``ready()``."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", INGEST_SCRIPT],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + within
+        while not ready():
+            assert proc.poll() is None, f"ingest ended before the kill point:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"kill point not reached:\n{log.read_text()[-3000:]}"
+            time.sleep(0.002)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _rerun_ingest(env: dict[str, str], log: Path) -> None:
+    with log.open("wb") as out:
+        done = subprocess.run(
+            [sys.executable, "-c", INGEST_SCRIPT],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+            start_new_session=True,
+        )
+    assert done.returncode == 0, log.read_text()[-3000:]
+
+
+def _reference_then_wipe(s: Settings, tmp_path: Path) -> dict[str, dict[str, tuple[int, str]]]:
+    """Outputs of an uninterrupted ingest in this very store; then every output is removed."""
+    store = open_store(s.store)
+    _crash_landing(store, tmp_path)
+    summary = run_ingest()
+    assert summary.done == 2, summary
+    expected = {p: snapshot(store, p) for p in OUTPUTS}
+    assert all(expected.values())
+    for name in ("cogs", "catalog", "tiles", "status"):
+        shutil.rmtree(s.store.root / name)
+    shutil.rmtree(s.scratch_dir, ignore_errors=True)
+    return expected
+
+
+def _records(s: Settings) -> list[ProductStatus]:
+    found = [read_status("crash-scenes", f"CRASH_{i}", s.store) for i in range(2)]
+    return [r for r in found if r is not None]
+
+
+def _assert_converged(s: Settings, expected: dict[str, dict[str, tuple[int, str]]]) -> None:
+    store = open_store(s.store)
+    for prefix in OUTPUTS:
+        assert snapshot(store, prefix) == expected[prefix], prefix
+    records = _records(s)
+    assert [r.state for r in records] == ["done", "done"]
+
+
+def test_ingest_killed_during_conversion_converges_on_the_default_server(
+    configure: Callable[..., Settings], tmp_path: Path
+) -> None:
+    s = configure(StoreSettings(root=tmp_path / "store"), collections=CRASH_COLLECTIONS)
+    expected = _reference_then_wipe(s, tmp_path)
+    env = _ingest_env(s, tmp_path, api_url=None)  # a temporary server of its own, as on a fresh machine
+
+    def converting() -> bool:  # GDAL is writing a COG in a scratch folder
+        return s.scratch_dir.is_dir() and any(s.scratch_dir.rglob("*.tif"))
+
+    _kill_ingest_when(env, tmp_path / "killed.log", converting, within=300)
+    assert not any(r.state == "done" for r in _records(s))
+
+    _rerun_ingest(env, tmp_path / "rerun.log")
+    _assert_converged(s, expected)
+
+
+def test_ingest_killed_while_tiles_are_written_converges(
+    configure: Callable[..., Settings], tmp_path: Path
+) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    s = configure(StoreSettings(root=tmp_path / "store"), collections=CRASH_COLLECTIONS)
+    expected = _reference_then_wipe(s, tmp_path)
+    env = _ingest_env(s, tmp_path, api_url=PREFECT_API_URL.value())
+    tiles = s.store.root / "tiles"
+
+    def writing_tiles() -> bool:
+        return tiles.is_dir() and any(p.is_file() for p in tiles.rglob("*"))
+
+    _kill_ingest_when(env, tmp_path / "killed.log", writing_tiles, within=300)
+    killed = _records(s)
+    assert any((r.state, r.step) == ("running", "seed") for r in killed), killed
+    assert not all(r.state == "done" for r in killed)
+
+    _rerun_ingest(env, tmp_path / "rerun.log")
+    _assert_converged(s, expected)
