@@ -4,6 +4,8 @@ import datetime as dt
 import json
 import multiprocessing
 import os
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -417,3 +419,55 @@ def test_store_failures_become_catalog_errors_naming_the_collection(moto_endpoin
         aws_secret_access_key="test",
     )
     assert missing.bucket not in [b["Name"] for b in client.list_buckets()["Buckets"]]
+
+
+def visible_documents(root: Path) -> dict[str, bytes]:
+    """Every catalog document a reader can see (hidden temporary and lock files left out)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted((root / "catalog").rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }
+
+
+def test_a_registration_killed_mid_write_converges_on_rerun(tmp_path: Path) -> None:
+    count = 60
+    killed = StoreSettings(root=tmp_path / "killed")
+    reference = StoreSettings(root=tmp_path / "reference")
+    spawn = multiprocessing.get_context("spawn")
+    start = spawn.Event()
+    proc = spawn.Process(target=upsert_one_by_one, args=(start, killed, 0, count))
+    proc.start()
+    start.set()
+    doc = tmp_path / "killed" / "catalog" / "scenes" / "collection.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.is_alive():
+        if doc.exists() and len(item_links(killed)) >= 10:
+            break
+        time.sleep(0.005)
+    proc.kill()  # SIGKILL, wherever the writer is
+    proc.join(30)
+    assert proc.exitcode == -signal.SIGKILL
+    assert 10 <= len(item_links(killed)) < count
+
+    for target in (killed, reference):
+        catalog = open_catalog(CATALOG, target)
+        for i in range(count):
+            item = make_item(
+                f"w0-{i:02d}",
+                target,
+                bbox=(-90.0 + i, -40.0, -89.5 + i, -30.0),
+                when=T0 + dt.timedelta(hours=i),
+            )
+            catalog.upsert_items(SCENES, [item])
+
+    got = visible_documents(tmp_path / "killed")
+    want = visible_documents(tmp_path / "reference")
+    assert sorted(got) == sorted(want)
+    for name, data in want.items():
+        if name.endswith("collection.json") or name.endswith("catalog.json"):
+            assert json.loads(got[name]) == json.loads(data.replace(b"/reference/", b"/killed/")), name
+    assert sorted(link["href"] for link in item_links(killed)) == sorted(
+        f"./w0-{i:02d}/w0-{i:02d}.json" for i in range(count)
+    )
+    assert len(open_catalog(CATALOG, killed).search("scenes")) == count
