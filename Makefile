@@ -36,6 +36,8 @@ bench: setup ## compare against the reference tools; tables go to bench/out/ for
 	$(RUN) python -m bench.preprocess
 	$(RUN) python -m bench.seed
 	$(RUN) python -m bench.archive
+	$(RUN) python -m bench.ingest --database sqlite
+	$(RUN) python -m bench.ingest --database postgres
 
 clean:
 	rm -rf skyvault-data .pytest_cache .mypy_cache .ruff_cache

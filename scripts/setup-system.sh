@@ -4,6 +4,7 @@ set -euo pipefail
 need=()
 command -v gdal_translate >/dev/null 2>&1 || need+=(gdal-bin)
 command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "setup-system: need root to install ${need[*]}" >&2
