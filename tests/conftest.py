@@ -158,7 +158,35 @@ def prefect_harness() -> Iterator[None]:
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        _HARNESS.append(True)
+        try:
+            yield
+        finally:
+            _HARNESS.clear()
+
+
+_HARNESS: list[bool] = []
+
+
+@pytest.fixture(autouse=True)
+def _free_tag_slots() -> None:
+    """Every test starts with the tag slots free, as on a fresh server.
+
+    Tests that SIGKILL a flow process leave its tag slots taken; a production server's lease
+    service gives them back when their leases expire, but the test server runs no such service.
+    Tests run one at a time, so no slot is legitimately held between two tests.
+    """
+    if not _HARNESS:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    with get_client(sync_client=True) as client:
+        for limit in client.read_global_concurrency_limits(limit=1000):
+            if limit.name.startswith("tag:") and limit.active_slots:
+                client.update_global_concurrency_limit(
+                    limit.name, GlobalConcurrencyLimitUpdate(active_slots=0)
+                )
 
 
 @pytest.fixture
