@@ -182,7 +182,7 @@ def _free_tag_slots() -> None:
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
     with get_client(sync_client=True) as client:
-        for limit in client.read_global_concurrency_limits(limit=1000):
+        for limit in client.read_global_concurrency_limits(limit=200):
             if limit.name.startswith("tag:") and limit.active_slots:
                 client.update_global_concurrency_limit(
                     limit.name, GlobalConcurrencyLimitUpdate(active_slots=0)
