@@ -19,17 +19,12 @@ import datetime as dt
 import json
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
 
 from pydantic import BaseModel
 
 from skyvault.errors import SkyvaultError
-
-#: How long a command waits for the temporary Prefect server it starts when ``PREFECT_API_URL`` is
-#: unset (at least; a larger ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` is kept). Its
-#: first start on a fresh ``PREFECT_HOME`` creates and migrates a database, which takes longer
-#: than Prefect's default of 20 s on a small or busy machine.
-EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 180
 
 TEMPORARY_SERVER = "a temporary local Prefect server (set PREFECT_API_URL to use yours)"
 
@@ -86,24 +81,6 @@ def _flows() -> dict[str, Callable[..., Any]]:
     return {"ingest": ingest, "seed": seed, "archive": archive, "retrieve": retrieve}
 
 
-def _prefect_settings() -> dict[Any, Any]:
-    """Prefect settings for a command-line run, applied through Prefect's settings context."""
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_SERVER_ANALYTICS_ENABLED,
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-    )
-
-    updates: dict[Any, Any] = {}
-    if PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value() < EPHEMERAL_STARTUP_TIMEOUT_SECONDS:
-        updates[PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS] = EPHEMERAL_STARTUP_TIMEOUT_SECONDS
-    if not PREFECT_API_URL.value():
-        # a server that lives for one command has no use for usage reports, and on a fresh
-        # database their first write races the migrations and logs a "database is locked" error
-        updates[PREFECT_SERVER_ANALYTICS_ENABLED] = False
-    return updates
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one flow; print its result as JSON.
 
@@ -115,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from prefect.settings import temporary_settings
 
-    with temporary_settings(updates=_prefect_settings()):
+    from skyvault.config.local_server import local_server_settings
+
+    with temporary_settings(updates=local_server_settings()):
         return _run(name, args)
 
 
@@ -123,21 +102,24 @@ def _run(name: str, args: dict[str, Any]) -> int:
     import httpx
     from prefect.settings import PREFECT_API_URL
 
+    from skyvault.config.local_server import reclaiming_expired_leases
     from skyvault.config.provision import provision_tag_limits
     from skyvault.config.settings import get_settings
 
     api_url = PREFECT_API_URL.value()
     server = f"the Prefect server at {api_url}" if api_url else TEMPORARY_SERVER
     print(f"skyvault: using {server}", file=sys.stderr)
-    try:
-        provision_tag_limits(get_settings())
-    except SkyvaultError as e:
-        print(f"skyvault: {e}", file=sys.stderr)
-        return 2
-    except httpx.HTTPError as e:
-        print(f"skyvault: cannot reach {server}: {e}", file=sys.stderr)
-        return 2
-    state = _flows()[name](**args, return_state=True)
+    with ExitStack() as stack:
+        try:
+            provision_tag_limits(get_settings())
+            stack.enter_context(reclaiming_expired_leases())
+        except SkyvaultError as e:
+            print(f"skyvault: {e}", file=sys.stderr)
+            return 2
+        except httpx.HTTPError as e:
+            print(f"skyvault: cannot reach {server}: {e}", file=sys.stderr)
+            return 2
+        state = _flows()[name](**args, return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseModel):
         print(json.dumps(result.model_dump(mode="json"), indent=2))

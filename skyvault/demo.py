@@ -75,16 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     root: Path = args.root
     config = prepare(root, broken=not args.no_broken)
     os.environ["SKYVAULT_CONFIG_FILE"] = str(config.resolve())
-    # a busy or small machine needs more than Prefect's 20 s to start the ephemeral server
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+    from prefect.settings import temporary_settings
+
+    from skyvault.config.local_server import local_server_settings, reclaiming_expired_leases
     from skyvault.config.provision import provision_tag_limits
     from skyvault.config.settings import get_settings
     from skyvault.flows.ingest import ingest
 
-    settings = get_settings()
-    provision_tag_limits(settings)
-    state = ingest(return_state=True)
+    with temporary_settings(updates=local_server_settings()):
+        provision_tag_limits(get_settings())
+        with reclaiming_expired_leases():
+            state = ingest(return_state=True)
     summary = state.result(raise_on_failure=False)
     if not isinstance(summary, IngestSummary):
         print(f"ingest failed: {state.message}")

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL
 
 from skyvault.archive import lts as lts_module
 from skyvault.archive.lts import (
@@ -382,8 +381,20 @@ def killable(configure: Callable[..., Settings], tmp_path: Path) -> Settings:
 
 
 def test_an_archive_killed_while_writing_a_datablock_is_finished_by_the_next_run(
-    killable: Settings, tmp_path: Path
+    configure: Callable[..., Settings], tmp_path: Path
 ) -> None:
+    # One lts-write slot: the killed run dies holding it, and the next run needs it back.
+    killable = configure(
+        StoreSettings(root=tmp_path / "store"),
+        lts={
+            "root": str(tmp_path / "lts"),
+            "create_root": True,
+            "datablock_bytes": 64 * 1024,
+            "free_space_margin_bytes": 0,
+        },
+        locks={"wait_seconds": 5},
+        concurrency={"tag_limits": {"lts-write": 1}},
+    )
     store = open_store(killable.store)
     files = fill_landing(store, "ds-kill", dataset_files(9, 20_000))
     landing = snapshot(store, "landing/ds-kill/")
@@ -393,8 +404,9 @@ def test_an_archive_killed_while_writing_a_datablock_is_finished_by_the_next_run
     def writing() -> bool:
         return any(p.stat().st_size > 0 for p in folder.glob("*.part")) if folder.is_dir() else False
 
-    # On the harness server, like a worker of the same Prefect server would.
-    env = skyvault_env(tmp_path, PREFECT_API_URL.value())
+    # The embedded default: each command starts a temporary server on one PREFECT_HOME, and no
+    # server service gives back a dead run's tag slots; the next command does.
+    env = skyvault_env(tmp_path, None)
     kill_when(start_skyvault(env, "write", "archive", "ds-kill"), writing)
 
     assert list(folder.glob("*.part")) != []
@@ -403,10 +415,13 @@ def test_an_archive_killed_while_writing_a_datablock_is_finished_by_the_next_run
     with dataset_lock(killable.lts, "archive", "ds-kill", timeout_seconds=0):
         pass  # the dead run's lock is free at once
 
-    result = archive("ds-kill")
+    started = time.monotonic()
+    result = run_skyvault(env, "archive", "ds-kill")
 
-    assert result.created
-    assert (result.file_count, result.landing_deleted) == (9, 9)
+    # the dead run's slot came back after its 60 s lease, not never
+    assert time.monotonic() - started < 200
+    assert result["created"]
+    assert (result["file_count"], result["landing_deleted"]) == (9, 9)
     assert list(store.list("landing/ds-kill/")) == []
     assert_same_archive(killable, "ds-kill", tmp_path / "reference")
     assert archived_content(killable, "ds-kill") == files
