@@ -3,6 +3,8 @@
 Keys are ``/``-separated relative names (``cogs/<collection>/<id>.tif``). Writes are atomic: a
 reader sees either the old object or the complete new one, never a partial file (local: write to a
 temporary name in the same folder, then rename; S3: a PUT or a completed multipart upload).
+A local writer holds a ``flock`` on its temporary file, so a writer that was killed is recognised
+by the lock the kernel dropped: the next process that writes into that folder removes its file.
 Documents several processes change (catalog.json, collection.json, TileJSON) go through
 :meth:`ObjectStore.update`, and :meth:`ObjectStore.lock` is a lock across processes and hosts
 (see :mod:`skyvault.storage.lock`).
@@ -11,10 +13,12 @@ Documents several processes change (catalog.json, collection.json, TileJSON) go 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,6 +111,63 @@ class ObjectStore(Protocol):
     def presigned_url(self, key: str, expires_seconds: int) -> str: ...
 
 
+#: Suffixes of a local writer's temporary file: while it is being locked, and once it is.
+NEW_SUFFIX, PART_SUFFIX = ".new", ".part"
+
+#: A ``.new`` file older than this was left by a writer killed between creating and locking it.
+STALE_NEW_SECONDS = 60.0
+
+_swept: set[tuple[int, Path]] = set()
+_swept_guard = threading.Lock()
+
+
+def sweep_dead_writes(folder: Path) -> list[Path]:
+    """Remove the temporary files that killed writers left in ``folder``; once per process and folder.
+
+    A ``.part`` file whose ``flock`` can be taken has no living writer (the kernel drops the
+    lock of a process that dies, whichever container it ran in). Returns the files removed.
+    """
+    with _swept_guard:
+        if (os.getpid(), folder) in _swept:
+            return []
+        _swept.add((os.getpid(), folder))
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        path = Path(entry.path)
+        if not entry.name.startswith("."):
+            continue
+        if entry.name.endswith(NEW_SUFFIX):
+            with contextlib.suppress(OSError):
+                if now - entry.stat(follow_symlinks=False).st_mtime > STALE_NEW_SECONDS:
+                    path.unlink()
+                    removed.append(path)
+        elif entry.name.endswith(PART_SUFFIX) and _writer_is_gone(path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _writer_is_gone(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False  # renamed into place or removed since the folder was read
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # its writer holds it
+    else:
+        return True
+    finally:
+        os.close(fd)
+
+
 class LocalStore:
     """An object store in a local folder; keys map to files below ``root``."""
 
@@ -171,13 +232,23 @@ class LocalStore:
 
     @contextlib.contextmanager
     def _atomic(self, dest: Path) -> Iterator[Path]:
+        """A locked temporary file beside ``dest``, renamed to ``dest`` when the block succeeds.
+
+        The file is created as ``.<name>.<random>.new``, locked, and only then renamed to
+        ``.<name>.<random>.part``: every ``.part`` file is locked while its writer lives.
+        """
+        fd = -1
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-            os.close(fd)
+            sweep_dead_writes(dest.parent)
+            fd, new = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=NEW_SUFFIX, dir=dest.parent)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            tmp = Path(new[: -len(NEW_SUFFIX)] + PART_SUFFIX)
+            os.rename(new, tmp)
         except OSError as e:
+            if fd >= 0:
+                os.close(fd)
             raise StorageError(f"cannot write {dest}: {e}") from e
-        tmp = Path(name)
         try:
             yield tmp
             os.chmod(tmp, 0o644)
@@ -188,6 +259,8 @@ class LocalStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            os.close(fd)  # the lock goes with it, after the rename
 
     def get_file(self, key: str, dest: Path) -> None:
         src = self._target(key)
@@ -237,7 +310,7 @@ class LocalStore:
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames.sort()
             for name in filenames:
-                if name.startswith(".") and name.endswith((".part", ".lock")):
+                if name.startswith(".") and name.endswith((PART_SUFFIX, NEW_SUFFIX, ".lock")):
                     continue
                 full = Path(dirpath) / name
                 key = full.relative_to(self.root).as_posix()

@@ -471,3 +471,5 @@ def test_a_registration_killed_mid_write_converges_on_rerun(tmp_path: Path) -> N
         f"./w0-{i:02d}/w0-{i:02d}.json" for i in range(count)
     )
     assert len(open_catalog(CATALOG, killed).search("scenes")) == count
+    half_written = [p for p in (tmp_path / "killed").rglob(".*") if p.name.endswith((".part", ".new"))]
+    assert half_written == []

@@ -527,6 +527,8 @@ def _assert_converged(s: Settings, expected: dict[str, dict[str, tuple[int, str]
         assert snapshot(store, prefix) == expected[prefix], prefix
     records = _records(s)
     assert [r.state for r in records] == ["done", "done"]
+    half_written = [p for p in s.store.root.rglob(".*") if p.name.endswith((".part", ".new"))]
+    assert half_written == []
 
 
 def test_ingest_killed_during_conversion_converges_on_the_default_server(

@@ -3,7 +3,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -138,6 +141,46 @@ def test_local_listing_hides_partial_writes(tmp_path: Path) -> None:
     store.put_bytes("a/x", b"1")
     (tmp_path / "store" / "a" / ".x.abc.part").write_bytes(b"half")
     assert [o.key for o in store.list("a/")] == ["a/x"]
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from skyvault.storage.store import LocalStore
+
+store = LocalStore(Path(sys.argv[1]))
+with store._atomic(store._path(sys.argv[2])) as tmp:
+    tmp.write_bytes(b"half")
+    print("writing", flush=True)
+    time.sleep(float(sys.argv[3]))
+    tmp.write_bytes(b"whole")
+"""
+
+
+def test_a_killed_local_writer_leaves_nothing_once_its_folder_is_written_again(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    folder = root / "tiles" / "l" / "5" / "1"
+
+    def start(key: str, seconds: float) -> subprocess.Popen[str]:
+        cmd = [sys.executable, "-c", WRITER, str(root), key, str(seconds)]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+
+    dead, live = start("tiles/l/5/1/1.png", 600), start("tiles/l/5/1/2.png", 5)
+    for proc in (dead, live):
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "writing"
+    dead.kill()
+    assert dead.wait(30) == -signal.SIGKILL
+    assert len(list(folder.glob(".*.part"))) == 2
+
+    LocalStore(root).put_bytes("tiles/l/5/1/1.png", b"tile")
+
+    # the dead writer's file is gone, the living writer's is not
+    assert [p.name.split(".")[1:3] for p in folder.glob(".*.part")] == [["2", "png"]]
+    assert live.wait(30) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["1.png", "2.png"]
+    assert (folder / "1.png").read_bytes() == b"tile"
+    assert (folder / "2.png").read_bytes() == b"whole"
 
 
 # --- links out of a local store ------------------------------------------------------------------
