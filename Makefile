@@ -33,9 +33,9 @@ pytest:
 	$(RUN) pytest -q
 
 bench: setup ## compare against the reference tools; tables go to bench/out/ for docs/benchmarks.md
-	$(RUN) python -m bench.preprocess
-	$(RUN) python -m bench.seed
-	$(RUN) python -m bench.archive
+	$(RUN) python -m bench.preprocess --database postgres
+	$(RUN) python -m bench.seed --database postgres
+	$(RUN) python -m bench.archive --database postgres
 	$(RUN) python -m bench.ingest --database sqlite
 	$(RUN) python -m bench.ingest --database postgres
 

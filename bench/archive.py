@@ -1,7 +1,7 @@
 """Archive benchmark: skyvault's archive (functions and the flow) against tar | tee | openssl dgst.
 
     uv run --frozen python -m bench.archive [--gb 2.0] [--reps 3] [--dir /var/tmp]
-        [--api-url URL | --no-flow]
+        [--database sqlite|postgres | --api-url URL | --no-flow]
 
 Generates a dataset of incompressible random files of mixed sizes (a few hundred MB down to a few
 KB) on local disk, then in every repetition, in a rotating order (each side takes each position):
@@ -15,8 +15,9 @@ KB) on local disk, then in every repetition, in a rotating order (each side take
   stream the block to LTS while hashing the tar and every member, fsync, read it back with its
   page cache dropped and check the tar and every member checksum, write the manifest;
 * ``flow``: in a fresh process, ``skyvault archive bench --source-dir DIR --keep-landing``: the
-  ``archive`` flow a user runs, through a running Prefect server (one started here on 127.0.0.1
-  unless ``--api-url``; ``--no-flow`` skips it): the same steps as tasks, plus the lock, the tag
+  ``archive`` flow a user runs, through a running Prefect server (one started here on 127.0.0.1,
+  on SQLite or with ``--database postgres`` on PostgreSQL, unless ``--api-url``; ``--no-flow``
+  skips it): the same steps as tasks, plus the lock, the tag
   limits and the summary artifacts.
 
 Before every run the page cache of every source file is dropped, so each side reads the dataset
@@ -45,6 +46,7 @@ from bench.common import (
     MB,
     ChildRun,
     Samples,
+    add_server_arguments,
     cell,
     flow_env,
     machine_line,
@@ -212,7 +214,7 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=2.0, help="dataset size in GB (1e9 bytes)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each side (>= 3)")
     parser.add_argument("--dir", type=Path, default=None, help="where to generate (local disk)")
-    parser.add_argument("--api-url", help="Prefect API of a running server (default: start one here)")
+    add_server_arguments(parser)
     parser.add_argument("--no-flow", action="store_true", help="skip the flow row")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -232,7 +234,7 @@ def main() -> None:
         files, total = generate(src, int(args.gb * 1e9))
         print(f"dataset: {files} files, {total / MB:.0f} MB in {work}", flush=True)
         lts_root = work / "lts"
-        server = contextlib.nullcontext(None) if args.no_flow else prefect_server(args.api_url)
+        server = contextlib.nullcontext(None) if args.no_flow else prefect_server(args.api_url, args.database)
         with server as api_url:
             env = None
             if api_url:

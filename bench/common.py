@@ -13,7 +13,9 @@ large parent's. Helpers here:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -187,46 +189,106 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _postgres_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    if initdb is None:
+        raise SystemExit("PostgreSQL is not installed (no initdb); run scripts/setup-system.sh")
+    return Path(initdb).parent
+
+
+def _as_postgres_user(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: run as the ``postgres`` user then."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
 @contextlib.contextmanager
-def prefect_server(api_url: str | None = None, startup_seconds: float = 240) -> Iterator[str]:
+def postgres(root: Path) -> Iterator[str]:
+    """A private PostgreSQL cluster under ``root`` on 127.0.0.1; yields a SQLAlchemy URL for Prefect."""
+    bindir = _postgres_bin()
+    data = root / "pgdata"
+    root.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    port = free_port()
+    run = functools.partial(subprocess.run, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    run(_as_postgres_user([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]))
+    options = f"-p {port} -h 127.0.0.1 -k {root}"
+    ctl = [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log")]
+    run(_as_postgres_user([*ctl, "-o", options, "-w", "start"]))
+    try:
+        run(_as_postgres_user([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "prefect"]))
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
+    finally:
+        run(_as_postgres_user([*ctl, "-m", "fast", "-w", "stop"]))
+
+
+DATABASES = ("sqlite", "postgres")
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--api-url`` and ``--database``: which Prefect server the flow rows talk to."""
+    parser.add_argument("--api-url", help="Prefect API of a running server (default: start one here)")
+    parser.add_argument(
+        "--database",
+        choices=DATABASES,
+        default="sqlite",
+        help="database of the server started here: SQLite (the embedded default) or a private "
+        "PostgreSQL cluster (the production setup)",
+    )
+
+
+def server_label(api_url: str | None, database: str) -> str:
+    """How a report names the server the flow rows ran against."""
+    return "--api-url" if api_url else {"sqlite": "SQLite", "postgres": "PostgreSQL"}[database]
+
+
+@contextlib.contextmanager
+def prefect_server(
+    api_url: str | None = None, database: str = "sqlite", startup_seconds: float = 240
+) -> Iterator[str]:
     """The API URL of a Prefect server: ``api_url`` if given, else one started here for the duration.
 
-    A started server listens on 127.0.0.1 with a fresh SQLite database in a temporary
-    ``PREFECT_HOME`` and is stopped (by its pid) afterwards.
+    A started server listens on 127.0.0.1 in a temporary ``PREFECT_HOME``, with a fresh SQLite
+    database there or (``database="postgres"``) a private PostgreSQL cluster, and is stopped (by
+    its pid) afterwards.
     """
     if api_url:
         yield api_url
         return
     home = Path(tempfile.mkdtemp(prefix="skyvault-bench-prefect-"))
-    port = free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-    }
-    env.pop("PREFECT_API_URL", None)
-    log = (home / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: stopping it stops what it started
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
+    os.chmod(home, 0o755)  # the PostgreSQL user must reach its data folder
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, home, ignore_errors=True)
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+        }
+        env.pop("PREFECT_API_URL", None)
+        if database == "postgres":
+            env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = stack.enter_context(postgres(home / "postgres"))
+        port = free_port()
+        log = stack.enter_context((home / "server.log").open("wb"))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopping it stops what it started
+        )
+        stack.callback(_stop_group, proc)
+        url = f"http://127.0.0.1:{port}/api"
         deadline = time.monotonic() + startup_seconds
         while not _healthy(url):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the Prefect server did not start; see {home / 'server.log'}")
             time.sleep(1)
-        print(f"Prefect server at {url}", flush=True)
+        print(f"Prefect server at {url} ({server_label(None, database)})", flush=True)
         yield url
-    finally:
-        _stop_group(proc)
-        log.close()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:

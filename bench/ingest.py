@@ -24,17 +24,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +40,7 @@ import rasterio
 import yaml
 from rasterio.transform import from_origin
 
+from bench.common import add_server_arguments, prefect_server, server_label
 from skyvault.catalog import registration
 from skyvault.cog import convert
 from skyvault.config.settings import Settings
@@ -56,107 +53,11 @@ COLLECTION = "bench-scenes"
 OUTPUTS = ("cogs", "catalog", "status")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _postgres_bin() -> Path:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if found:
-        return found[-1].parent
-    initdb = shutil.which("initdb")
-    if initdb is None:
-        raise RuntimeError("PostgreSQL is not installed (no initdb)")
-    return Path(initdb).parent
-
-
-def _as_postgres_user(cmd: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: run as the ``postgres`` user then."""
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
 @contextlib.contextmanager
-def postgres(root: Path) -> Iterator[str]:
-    """A private PostgreSQL cluster under ``root`` on 127.0.0.1; yields a SQLAlchemy URL for Prefect."""
-    bindir = _postgres_bin()
-    data = root / "pgdata"
-    root.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    port = _free_port()
-    run = functools.partial(subprocess.run, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    run(_as_postgres_user([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]))
-    options = f"-p {port} -h 127.0.0.1 -k {root}"
-    ctl = [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log")]
-    run(_as_postgres_user([*ctl, "-o", options, "-w", "start"]))
-    try:
-        run(_as_postgres_user([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "prefect"]))
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
-    finally:
-        run(_as_postgres_user([*ctl, "-m", "fast", "-w", "stop"]))
-
-
-@contextlib.contextmanager
-def prefect_server(home: Path, database_url: str | None = None) -> Iterator[str]:
-    """A Prefect server on 127.0.0.1 for the duration; yields its API URL.
-
-    Its database is SQLite under ``home`` unless ``database_url`` names another one.
-    """
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-    }
-    if database_url:
-        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
-    log = (home / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited: see {home / 'server.log'}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("prefect server did not answer within 180 s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-@contextlib.contextmanager
-def server_for(args: argparse.Namespace, root: Path) -> Iterator[str]:
+def server_for(args: argparse.Namespace) -> Iterator[str]:
     """The Prefect API the flow side talks to: ``--api-url``, or a server started here."""
-    if args.api_url:
-        yield args.api_url
-        return
-    home = root / "prefect"
-    home.mkdir()
-    with contextlib.ExitStack() as stack:
-        database = stack.enter_context(postgres(root / "postgres")) if args.database == "postgres" else None
-        yield stack.enter_context(prefect_server(home, database))
+    with prefect_server(args.api_url, args.database) as url:
+        yield url
 
 
 def make_landing(root: Path, products: int, size: int) -> None:
@@ -262,23 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--products", type=int, default=40)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--api-url", help="an already running Prefect server (default: start one)")
-    parser.add_argument(
-        "--database",
-        choices=["sqlite", "postgres"],
-        default="sqlite",
-        help="database of the server started here: SQLite (the embedded default) or a private "
-        "PostgreSQL cluster (the production setup)",
-    )
+    add_server_arguments(parser)
     parser.add_argument("--dir", type=Path, default=None, help="parent of the working folder")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=args.dir) as tmp:
         root = Path(tmp)
-        os.chmod(root, 0o755)  # the PostgreSQL user must reach its data folder
         make_landing(root, args.products, args.size)
         os.environ["SKYVAULT_CONFIG_FILE"] = str(write_config(root))
-        with server_for(args, root) as api_url:
+        with server_for(args) as api_url:
             # set before Prefect is imported: its settings are read once
             os.environ["PREFECT_API_URL"] = api_url
             os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -326,7 +219,7 @@ def render(times: dict[str, list[float]], args: argparse.Namespace, workers: int
         "| path | median wall s | range s | s/product |",
         "|---|---:|---:|---:|",
     ]
-    server = "--api-url" if args.api_url else {"sqlite": "SQLite", "postgres": "PostgreSQL"}[args.database]
+    server = server_label(args.api_url, args.database)
     labels = {"flow": f"ingest flow (Prefect server, {server})", "plain": "same functions, plain thread pool"}
     for name, values in times.items():
         spread = f"{min(values):.2f} to {max(values):.2f}"

@@ -1,7 +1,7 @@
 """Preprocess benchmark: skyvault's preprocess against the same GDAL doing the same conversion.
 
     uv run --frozen python -m bench.preprocess [--scenes rgb:6000 float:10000] [--reps 3]
-        [--api-url URL | --no-flow] [--no-gdal-translate] [--workdir DIR]
+        [--database sqlite|postgres | --api-url URL | --no-flow] [--no-gdal-translate] [--workdir DIR]
 
 For each scene (``rgb:N``: N x N x 3 uint8; ``float:N``: N x N float32; seeded smooth fields plus
 noise, written as plain tiled GeoTIFFs into a local object store), every repetition runs, each in
@@ -13,7 +13,7 @@ a fresh child process and in a rotating order (each tool takes each position in 
 * ``skyvault``: ``skyvault.cog.convert.preprocess_product`` of the product (no COG yet): source
   hashed, converted, checksum stamped, validated strictly, hashed and stored atomically;
 * ``flow``: the ``preprocess-product`` task inside a flow, against a running Prefect server (one
-  started here on 127.0.0.1 unless ``--api-url``; ``--no-flow`` skips it);
+  started here on 127.0.0.1, SQLite or ``--database postgres``, unless ``--api-url``; ``--no-flow`` skips it);
 * ``gdal_translate``: Debian's ``gdal_translate -of COG`` (its own, older GDAL) as an extra.
 
 Each child reports, from inside, the wall time of the call itself and its RSS after imports; the
@@ -44,6 +44,7 @@ from typing import Any
 from bench.common import (
     ChildRun,
     Samples,
+    add_server_arguments,
     cell,
     flow_env,
     machine_line,
@@ -425,7 +426,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--scenes", nargs="+", default=list(DEFAULT_SCENES), help="kind:size (rgb or float)")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions of each tool (>= 3)")
-    parser.add_argument("--api-url", help="Prefect API of a running server (default: start one here)")
+    add_server_arguments(parser)
     parser.add_argument("--no-flow", action="store_true", help="skip the flow row")
     parser.add_argument("--no-gdal-translate", action="store_true", help="skip the Debian gdal_translate row")
     parser.add_argument("--workdir", type=Path, default=None, help="where to put scenes (default: temp dir)")
@@ -464,7 +465,7 @@ def main() -> None:
     tables = []
     with tempfile.TemporaryDirectory(prefix="skyvault-bench-preprocess-", dir=args.workdir) as tmp:
         work = Path(tmp)
-        server = contextlib.nullcontext(None) if args.no_flow else prefect_server(args.api_url)
+        server = contextlib.nullcontext(None) if args.no_flow else prefect_server(args.api_url, args.database)
         with server as api_url:
             if api_url:
                 env = flow_env(api_url, PREFECT_HOME=str(work / "prefect-client"))

@@ -1,7 +1,8 @@
 """Seeding throughput: the ``seed`` flow through a Prefect server against ``gdal2tiles``.
 
     uv run --frozen python -m bench.seed [--scenes 2000:0-11 10000:0-12] [--processes N ...]
-                                         [--reps 3] [--resampling nearest] [--api-url URL]
+                                         [--reps 3] [--resampling nearest]
+                                         [--database sqlite|postgres | --api-url URL]
 
 For each scene (``SIZE:MINZOOM-MAXZOOM``: a synthetic RGB uint8 COG, ``SIZE`` px square over 4 x 4
 degrees at 45N, DEFLATE, 512 px blocks, overviews) the item is registered in a static catalog on a
@@ -9,7 +10,8 @@ local object store. Then each repetition runs, in rotating order, each in a fres
 and into an empty tile folder:
 
 * **seed flow**: the child calls the ``seed`` flow against a Prefect server (one started here on
-  127.0.0.1 with SQLite unless ``--api-url``), ``concurrency.seed_workers = N``. Reported twice:
+  127.0.0.1 on SQLite, or PostgreSQL with ``--database postgres``, unless ``--api-url``),
+  ``concurrency.seed_workers = N``. Reported twice:
   the flow call as the child times it (run created to result returned) and the whole child
   (interpreter start-up and imports included);
 * **in-process**: the child times ``plan_seed`` + ``render_chunk`` on a thread pool of N +
@@ -39,6 +41,7 @@ from typing import Any
 
 from bench.common import (
     Samples,
+    add_server_arguments,
     cell,
     flow_env,
     machine_line,
@@ -312,7 +315,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[cpus()], help="N for both sides")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--resampling", default="nearest", help="skyvault's name (gdal2tiles': near)")
-    parser.add_argument("--api-url", help="a running Prefect server's API (default: start one)")
+    add_server_arguments(parser)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -328,7 +331,10 @@ def main() -> None:
 
     gdal2tiles_command()
     rows: list[list[str]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-seed-") as tmp, prefect_server(args.api_url) as api_url:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-seed-") as tmp,
+        prefect_server(args.api_url, args.database) as api_url,
+    ):
         for text in args.scenes:
             rows += bench_scene(Path(tmp), api_url, text, args.processes, args.reps, args.resampling)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -72,13 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _flows() -> dict[str, Callable[..., Any]]:
-    from skyvault.flows.archive import archive
-    from skyvault.flows.ingest import ingest
-    from skyvault.flows.retrieve import retrieve
-    from skyvault.flows.seed import seed
-
-    return {"ingest": ingest, "seed": seed, "archive": archive, "retrieve": retrieve}
+def _flow(name: str) -> Callable[..., Any]:
+    """The flow a command runs, importing only its module (seeding and ingest need GDAL, archive not)."""
+    module = importlib.import_module(f"skyvault.flows.{name}")
+    fn: Callable[..., Any] = getattr(module, name)
+    return fn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +118,7 @@ def _run(name: str, args: dict[str, Any]) -> int:
         except httpx.HTTPError as e:
             print(f"skyvault: cannot reach {server}: {e}", file=sys.stderr)
             return 2
-        state = _flows()[name](**args, return_state=True)
+        state = _flow(name)(**args, return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseModel):
         print(json.dumps(result.model_dump(mode="json"), indent=2))

@@ -19,7 +19,7 @@ from skyvault.models import (
 from skyvault.tasks.policy import TASK_POLICY
 
 
-@task(name="list-dataset", tags=["object-store-read"], **TASK_POLICY)
+@task(name="list-dataset", **TASK_POLICY)
 def list_dataset(source: DatasetSource, store: StoreSettings) -> list[DatasetFile]:
     """Task: :func:`skyvault.archive.packing.list_dataset`."""
     return packing.list_dataset(source, store)
@@ -54,7 +54,7 @@ def ensure_free_space(lts_settings: LtsSettings, dataset_id: str, needed: int) -
     return lts.ensure_free_space(lts_settings, dataset_id, needed)
 
 
-@task(name="remove-partial", tags=["lts-write"], **TASK_POLICY)
+@task(name="remove-partial", **TASK_POLICY)
 def remove_partial(lts_settings: LtsSettings, dataset_id: str) -> list[str]:
     """Task: :func:`skyvault.archive.lts.remove_partial`."""
     return lts.remove_partial(lts_settings, dataset_id)
@@ -74,13 +74,13 @@ def verify_datablock(lts_settings: LtsSettings, dataset_id: str, block: Databloc
     return lts.verify_datablock(lts_settings, dataset_id, block)
 
 
-@task(name="write-manifest", tags=["lts-write"], **TASK_POLICY)
+@task(name="write-manifest", **TASK_POLICY)
 def write_manifest(lts_settings: LtsSettings, manifest: Manifest) -> Path:
     """Task: :func:`skyvault.archive.lts.write_manifest`."""
     return lts.write_manifest(lts_settings, manifest)
 
 
-@task(name="read-manifest", tags=["lts-read"], **TASK_POLICY)
+@task(name="read-manifest", **TASK_POLICY)
 def read_manifest(lts_settings: LtsSettings, dataset_id: str) -> Manifest | None:
     """Task: :func:`skyvault.archive.lts.read_manifest`."""
     return lts.read_manifest(lts_settings, dataset_id)
@@ -112,7 +112,7 @@ def upload_datablock(
     return lts.upload_datablock(lts_settings, store, dataset_id, block)
 
 
-@task(name="publish-retrieval", tags=["object-store-write"], **TASK_POLICY)
+@task(name="publish-retrieval", **TASK_POLICY)
 def publish_retrieval(
     lts_settings: LtsSettings, store: StoreSettings, manifest: Manifest, copied: set[str]
 ) -> RetrieveResult:

@@ -26,7 +26,7 @@ def register_product(
     return registration.register_product(product, cog, collection, catalog, store)
 
 
-@task(name="find-existing-items", tags=["object-store-read"], **TASK_POLICY)
+@task(name="find-existing-items", **TASK_POLICY)
 def find_existing_items(
     pairs: list[tuple[str, str]], catalog: CatalogSettings, store: StoreSettings
 ) -> set[tuple[str, str]]:
@@ -34,7 +34,7 @@ def find_existing_items(
     return registration.find_existing_items(pairs, catalog, store)
 
 
-@task(name="read-item", tags=["object-store-read"], **TASK_POLICY)
+@task(name="read-item", **TASK_POLICY)
 def read_item(
     collection_id: str, item_id: str, catalog: CatalogSettings, store: StoreSettings
 ) -> dict[str, Any] | None:
@@ -42,7 +42,7 @@ def read_item(
     return registration.read_item(collection_id, item_id, catalog, store)
 
 
-@task(name="search-items", tags=["object-store-read"], **TASK_POLICY)
+@task(name="search-items", **TASK_POLICY)
 def search_items(
     collection_id: str,
     catalog: CatalogSettings,

@@ -13,7 +13,7 @@ from skyvault.models import Discovery
 from skyvault.tasks.policy import TASK_POLICY
 
 
-@task(name="discover", tags=["object-store-read"], **TASK_POLICY)
+@task(name="discover", **TASK_POLICY)
 def discover(
     store: StoreSettings,
     collections: dict[str, CollectionConfig],
@@ -29,7 +29,7 @@ def discover(
     )
 
 
-@task(name="products-from-report", tags=["object-store-read"], **TASK_POLICY)
+@task(name="products-from-report", **TASK_POLICY)
 def products_from_report(
     store: StoreSettings,
     collections: dict[str, CollectionConfig],
