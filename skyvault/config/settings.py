@@ -1,17 +1,25 @@
 """skyvault's one settings model.
 
 Values come, highest first, from: keyword arguments, ``SKYVAULT_*`` environment variables
-(nested with ``__``, e.g. ``SKYVAULT_STORE__BUCKET``), Prefect variables (when
-``SKYVAULT_PREFECT_VARIABLES=true``, provisioned by the config job), the YAML file named by
+(nested with ``__``, e.g. ``SKYVAULT_STORE__BUCKET``), secret files named by ``*_FILE`` environment
+variables, and, when ``SKYVAULT_PREFECT_VARIABLES=true``, Prefect Secret blocks and Prefect
+variables (both provisioned by the config job), then the YAML file named by
 ``SKYVAULT_CONFIG_FILE``, then defaults: a local folder as object store and LTS, a static catalog.
+
+Secrets (every ``SecretStr`` field, see :func:`secret_setting_paths`) never come from Prefect
+variables, which are plain text: a secret ``store.secret_access_key`` comes from the Secret block
+``skyvault-store-secret-access-key`` (:func:`secret_block_name`) or from the file named by
+``SKYVAULT_STORE__SECRET_ACCESS_KEY_FILE`` (:func:`secret_file_env`), one value per file with its
+trailing newline stripped. A secret found in a Prefect variable is ignored with a warning.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -20,7 +28,12 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from skyvault.config.collections import CollectionConfig
 from skyvault.errors import ConfigError, UnknownCollectionError
 
+logger = logging.getLogger(__name__)
+
 PREFECT_VARIABLE_PREFIX = "skyvault_"
+
+#: Settings that steer how the settings themselves are read: never taken from Prefect variables.
+NOT_FROM_VARIABLES = frozenset({"prefect_variables", "config_file"})
 
 
 def cpu_count() -> int:
@@ -55,6 +68,18 @@ class StoreSettings(BaseModel):
     def _s3_needs_bucket(self) -> StoreSettings:
         if self.kind == "s3" and not self.bucket:
             raise ValueError("store.kind 's3' needs store.bucket")
+        return self
+
+    @model_validator(mode="after")
+    def _keys_come_in_pairs(self) -> StoreSettings:
+        pair = {"access_key_id": self.access_key_id, "secret_access_key": self.secret_access_key}
+        missing = [name for name, value in pair.items() if value is None]
+        if len(missing) == 1:
+            path = ("store", missing[0])
+            raise ValueError(
+                f"store.{missing[0]} is missing while its pair is set: give it in the Secret block "
+                f"{secret_block_name(path)!r} or in the file named by {secret_file_env(path)}"
+            )
         return self
 
 
@@ -236,11 +261,91 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (
             init_settings,
-            env_settings,
+            _EnvWithoutSecretFiles(settings_cls, env_settings),
+            _SecretFilesSource(settings_cls, env_settings),
             file_secret_settings,
+            _PrefectSecretBlocksSource(settings_cls, env_settings),
             _PrefectVariablesSource(settings_cls, env_settings),
             _YamlFileSource(settings_cls, init_settings, env_settings),
         )
+
+
+# --- secrets --------------------------------------------------------------------------------------
+
+
+def _is_secret(annotation: Any) -> bool:
+    return annotation is SecretStr or SecretStr in get_args(annotation)
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def secret_setting_paths(model: type[BaseModel] | None = None) -> tuple[tuple[str, ...], ...]:
+    """The path of every secret (``SecretStr``) field, e.g. ``("store", "secret_access_key")``.
+
+    Secrets inside mappings (such as ``collections``) are not supported: a secret must sit at a fixed path.
+    """
+    paths: list[tuple[str, ...]] = []
+    for name, info in (model or Settings).model_fields.items():
+        if _is_secret(info.annotation):
+            paths.append((name,))
+        elif (sub := _model_class(info.annotation)) is not None:
+            paths.extend((name, *path) for path in secret_setting_paths(sub))
+    return tuple(paths)
+
+
+def secret_block_name(path: tuple[str, ...]) -> str:
+    """The Prefect Secret block that holds the secret at ``path``: ``skyvault-store-secret-access-key``."""
+    return "skyvault-" + "-".join(part.replace("_", "-") for part in path)
+
+
+def secret_file_env(path: tuple[str, ...]) -> str:
+    """The environment variable naming a file with the secret: ``SKYVAULT_STORE__SECRET_ACCESS_KEY_FILE``."""
+    return "SKYVAULT_" + "__".join(part.upper() for part in path) + "_FILE"
+
+
+def read_secret_file(path: Path, secret: str) -> str:
+    """The one value in a secret file, its trailing newline stripped.
+
+    Raises:
+        ConfigError: the file is missing, unreadable or empty; the message names ``secret`` and the file.
+
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ConfigError(f"secret {secret}: file {path} does not exist") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"secret {secret}: cannot read file {path}: {e}") from e
+    value = text.rstrip("\r\n")
+    if not value.strip():
+        raise ConfigError(f"secret {secret}: file {path} is empty")
+    return value
+
+
+def _pop_path(data: dict[str, Any], path: tuple[str, ...]) -> bool:
+    node: Any = data
+    for part in path[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and path[-1] in node:
+        del node[path[-1]]
+        return True
+    return False
+
+
+def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+
+
+def _env_vars(env_settings: PydanticBaseSettingsSource) -> dict[str, str]:
+    raw = getattr(env_settings, "env_vars", None) or {}
+    return {str(k).lower(): str(v) for k, v in raw.items() if v is not None}
 
 
 def _env_value(
@@ -253,6 +358,49 @@ def _env_value(
         if value is not None:
             return value
     return None
+
+
+def _prefect_enabled(env_settings: PydanticBaseSettingsSource) -> bool:
+    flag = _env_value(env_settings, None, "prefect_variables")
+    return str(flag).lower() in ("1", "true", "yes", "on") if flag is not None else False
+
+
+class _EnvWithoutSecretFiles(PydanticBaseSettingsSource):
+    """The ``SKYVAULT_*`` environment, without the ``*_FILE`` names that :class:`_SecretFilesSource` reads."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env_settings: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self._env = env_settings
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        data = self._env()
+        for path in secret_setting_paths(self.settings_cls):
+            _pop_path(data, (*path[:-1], path[-1] + "_file"))
+        return data
+
+
+class _SecretFilesSource(PydanticBaseSettingsSource):
+    """Secrets from the files named by ``SKYVAULT_<PATH>_FILE`` environment variables."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env_settings: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self._env = env_settings
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        env = _env_vars(self._env)
+        out: dict[str, Any] = {}
+        for path in secret_setting_paths(self.settings_cls):
+            name = secret_file_env(path)
+            file = env.get(name.lower())
+            if file:
+                _set_path(out, path, read_secret_file(Path(file), f"{'.'.join(path)} ({name})"))
+        return out
 
 
 class _YamlFileSource(PydanticBaseSettingsSource):
@@ -283,17 +431,15 @@ class _YamlFileSource(PydanticBaseSettingsSource):
         return data
 
 
-class _PrefectVariablesSource(PydanticBaseSettingsSource):
-    """Reads Prefect variables named ``skyvault_<field>`` (JSON values for nested fields).
+class _PrefectSecretBlocksSource(PydanticBaseSettingsSource):
+    """Secrets from the Prefect Secret blocks named by :func:`secret_block_name`.
 
-    Only consulted when ``SKYVAULT_PREFECT_VARIABLES=true``, so the embedded default never needs
-    a Prefect API to build its settings.
+    Only consulted when ``SKYVAULT_PREFECT_VARIABLES=true``; a block that does not exist gives nothing.
     """
 
     def __init__(self, settings_cls: type[BaseSettings], env_settings: PydanticBaseSettingsSource) -> None:
         super().__init__(settings_cls)
-        flag = _env_value(env_settings, None, "prefect_variables")
-        self._enabled = str(flag).lower() in ("1", "true", "yes", "on") if flag is not None else False
+        self._enabled = _prefect_enabled(env_settings)
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
         return None, field_name, False
@@ -301,15 +447,75 @@ class _PrefectVariablesSource(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         if not self._enabled:
             return {}
-        from prefect.variables import Variable
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
 
         out: dict[str, Any] = {}
-        for name in self.settings_cls.model_fields:
-            if name in ("prefect_variables",):
-                continue
-            value = Variable.get(PREFECT_VARIABLE_PREFIX + name, default=None)
-            if value is not None:
-                out[name] = value
+        with get_client(sync_client=True) as client:
+            for path in secret_setting_paths(self.settings_cls):
+                name = secret_block_name(path)
+                try:
+                    document = client.read_block_document_by_name(name, "secret", include_secrets=True)
+                except ObjectNotFound:
+                    continue
+                except Exception as e:  # the API is down, refused the request...
+                    raise ConfigError(f"cannot read Prefect Secret block {name!r}: {e}") from e
+                value = document.data.get("value")
+                if not isinstance(value, str) or not value:
+                    raise ConfigError(f"Prefect Secret block {name!r} does not hold a text value")
+                _set_path(out, path, value)
+        return out
+
+
+class _PrefectVariablesSource(PydanticBaseSettingsSource):
+    """Reads Prefect variables named ``skyvault_<field>`` (JSON values for nested fields).
+
+    Only consulted when ``SKYVAULT_PREFECT_VARIABLES=true``, so the embedded default never needs
+    a Prefect API to build its settings. Variables are plain text: a secret found in one is
+    dropped (with a warning naming the variable and the secret, never its value).
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], env_settings: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self._enabled = _prefect_enabled(env_settings)
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if not self._enabled:
+            return {}
+        from prefect.client.orchestration import get_client
+
+        secrets = secret_setting_paths(self.settings_cls)
+        out: dict[str, Any] = {}
+        with get_client(sync_client=True) as client:
+            for name in self.settings_cls.model_fields:
+                if name in NOT_FROM_VARIABLES:
+                    continue
+                variable_name = PREFECT_VARIABLE_PREFIX + name
+                try:
+                    variable = client.read_variable_by_name(variable_name)
+                except Exception as e:  # the API is down, refused the request...
+                    raise ConfigError(f"cannot read Prefect variable {variable_name!r}: {e}") from e
+                if variable is None or variable.value is None:
+                    continue
+                value: Any = variable.value
+                for path in (p for p in secrets if p[0] == name):
+                    whole = len(path) == 1
+                    if whole or (isinstance(value, dict) and _pop_path({name: value}, path)):
+                        logger.warning(
+                            "Prefect variable %s holds the secret %s; it is ignored: secrets come from "
+                            "the Secret block %s or the file named by %s",
+                            variable_name,
+                            ".".join(path),
+                            secret_block_name(path),
+                            secret_file_env(path),
+                        )
+                    if whole:
+                        value = None
+                if value is not None:
+                    out[name] = value
         return out
 
 

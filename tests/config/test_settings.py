@@ -34,6 +34,7 @@ def test_file_then_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert s.collection("s2").title == "Sentinel-2"
     assert s.collection("s2").id == "s2"
     monkeypatch.setenv("SKYVAULT_STORE__BUCKET", "from-env")
+    monkeypatch.setenv("SKYVAULT_STORE__ACCESS_KEY_ID", "AKID")
     monkeypatch.setenv("SKYVAULT_STORE__SECRET_ACCESS_KEY", "hush")
     s = Settings()
     assert s.store.bucket == "from-env"
