@@ -58,8 +58,8 @@ def dataset_files(n: int, size: int) -> dict[str, bytes]:
     return {f"part-{i // 3}/file-{i:03d}.bin": os.urandom(size) for i in range(n)}
 
 
-@pytest.fixture
-def local(configure: Callable[..., Settings], tmp_path: Path) -> Settings:
+def small_blocks(configure: Callable[..., Settings], tmp_path: Path, **overrides: Any) -> Settings:
+    """Local store and LTS in ``tmp_path``, 64 KiB datablocks, no free-space margin."""
     return configure(
         StoreSettings(root=tmp_path / "store"),
         lts={
@@ -68,7 +68,13 @@ def local(configure: Callable[..., Settings], tmp_path: Path) -> Settings:
             "datablock_bytes": 64 * 1024,
             "free_space_margin_bytes": 0,
         },
+        **overrides,
     )
+
+
+@pytest.fixture
+def local(configure: Callable[..., Settings], tmp_path: Path) -> Settings:
+    return small_blocks(configure, tmp_path)
 
 
 def test_corrupted_block_fails_the_run_keeps_landing_and_a_rerun_succeeds(
@@ -312,11 +318,15 @@ def skyvault_result(out: str) -> dict[str, Any]:
 
 
 def run_skyvault(env: dict[str, str], *args: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-c", RUNNER, "none", *args], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return skyvault_result(done.stdout)
+    """Run the command to its end (at most 300 s; then it and its temporary server are killed)."""
+    proc = start_skyvault(env, "none", *args)
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        kill(proc)
+        pytest.fail(f"skyvault {' '.join(args)} did not end within 300 s")
+    assert proc.returncode == 0, out
+    return skyvault_result(out)
 
 
 def reference_archive(settings: Settings, dataset_id: str, root: Path) -> Manifest:
@@ -368,32 +378,15 @@ def archived_content(settings: Settings, dataset_id: str) -> dict[str, bytes]:
 @pytest.fixture
 def killable(configure: Callable[..., Settings], tmp_path: Path) -> Settings:
     """Local store and LTS; a run that had to wait for the dataset lock would fail after 5 s."""
-    return configure(
-        StoreSettings(root=tmp_path / "store"),
-        lts={
-            "root": str(tmp_path / "lts"),
-            "create_root": True,
-            "datablock_bytes": 64 * 1024,
-            "free_space_margin_bytes": 0,
-        },
-        locks={"wait_seconds": 5},
-    )
+    return small_blocks(configure, tmp_path, locks={"wait_seconds": 5})
 
 
 def test_an_archive_killed_while_writing_a_datablock_is_finished_by_the_next_run(
     configure: Callable[..., Settings], tmp_path: Path
 ) -> None:
     # One lts-write slot: the killed run dies holding it, and the next run needs it back.
-    killable = configure(
-        StoreSettings(root=tmp_path / "store"),
-        lts={
-            "root": str(tmp_path / "lts"),
-            "create_root": True,
-            "datablock_bytes": 64 * 1024,
-            "free_space_margin_bytes": 0,
-        },
-        locks={"wait_seconds": 5},
-        concurrency={"tag_limits": {"lts-write": 1}},
+    killable = small_blocks(
+        configure, tmp_path, locks={"wait_seconds": 5}, concurrency={"tag_limits": {"lts-write": 1}}
     )
     store = open_store(killable.store)
     files = fill_landing(store, "ds-kill", dataset_files(9, 20_000))
