@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from skyvault.errors import SkyvaultError
+from skyvault.errors import IngestFailedError, SkyvaultError
 
 TEMPORARY_SERVER = "a temporary local Prefect server (set PREFECT_API_URL to use yours)"
 
@@ -120,6 +120,9 @@ def _run(name: str, args: dict[str, Any]) -> int:
             return 2
         state = _flow(name)(**args, return_state=True)
     result = state.result(raise_on_failure=False)
+    if isinstance(result, IngestFailedError):
+        print(f"{name} failed: {result}", file=sys.stderr)
+        result = result.summary  # every product's outcome, as when only some failed
     if isinstance(result, BaseModel):
         print(json.dumps(result.model_dump(mode="json"), indent=2))
     elif isinstance(result, BaseException):

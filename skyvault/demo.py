@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from skyvault.errors import IngestFailedError
 from skyvault.models import IngestSummary
 
 DEFAULT_ROOT = Path("skyvault-data/demo")
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         with reclaiming_expired_leases():
             state = ingest(return_state=True)
     summary = state.result(raise_on_failure=False)
+    if isinstance(summary, IngestFailedError):
+        summary = summary.summary
     if not isinstance(summary, IngestSummary):
         print(f"ingest failed: {state.message}")
         return 1

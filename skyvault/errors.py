@@ -7,6 +7,8 @@ dataset or file concerned. Third-party errors are translated at the I/O boundary
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SkyvaultError(Exception):
     """Base class of every error skyvault raises."""
@@ -152,3 +154,15 @@ class InvalidSeedRequestError(SkyvaultError):
 
 class TransientCatalogError(CatalogError, TransientError):
     """A catalog read or write failed in a way that may succeed on retry."""
+
+
+class IngestFailedError(SkyvaultError):
+    """No product of an ingest run succeeded; ``summary`` (an ``IngestSummary``) names each one.
+
+    The ingest flow fails with it, so a caller that raises on failure gets the reason and one that
+    does not still finds every product's outcome in ``summary``.
+    """
+
+    def __init__(self, message: str, summary: Any = None) -> None:
+        super().__init__(message)
+        self.summary = summary

@@ -162,3 +162,17 @@ def test_ingest_exit_code_reports_failed_products(
     summary = json.loads(capsys.readouterr().out)
     assert (summary["done"], summary["failed"]) == (2, 1)
     assert main(["ingest", "--collection", "demo-dem", "--no-seed"]) == 0
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_an_ingest_where_nothing_succeeds_still_prints_every_outcome(
+    configure: Callable[..., Settings], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    s = configure(StoreSettings(root=tmp_path / "store"))
+    open_store(s.store).put_bytes("landing/demo-dem/BAD_1.tif", b"not a tiff at all")
+    assert main(["ingest", "--collection", "demo-dem", "--no-seed"]) == 1
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert (summary["done"], summary["failed"]) == (0, 1)
+    assert summary["outcomes"][0]["product_id"] == "BAD_1"
+    assert "ingest failed: 1 products: 0 done, 0 skipped, 1 failed" in err

@@ -15,6 +15,7 @@ from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
 from skyvault.config.settings import get_settings
+from skyvault.errors import IngestFailedError
 from skyvault.flows.process import process_product
 from skyvault.models import Discovery, IngestSummary, Product, ProductOutcome, ProductStatus
 from skyvault.status import needs_processing
@@ -182,7 +183,8 @@ def ingest(
     the catalog holds its item, unless ``replace``. Each other product runs as a
     ``process-product/<collection>/<id>`` subflow, at most ``settings.concurrency.products`` at a
     time; a failed product never fails the others. The run ends Completed when every product is
-    done or skipped, Completed named ``Partial`` when some failed, Failed when nothing succeeded.
+    done or skipped, Completed named ``Partial`` when some failed, and Failed with an
+    :class:`IngestFailedError` carrying the summary when nothing succeeded.
     A table artifact lists every product.
     """
     settings = get_settings()
@@ -221,7 +223,7 @@ def ingest(
         description=summary.headline(),
     )
     if summary.failed and not (summary.done or summary.skipped):
-        return Failed(message=summary.headline(), data=summary)
+        return Failed(message=summary.headline(), data=IngestFailedError(summary.headline(), summary))
     if summary.failed:
         return Completed(message=summary.headline(), data=summary, name="Partial")
     return Completed(message=summary.headline(), data=summary)

@@ -36,6 +36,7 @@ from shapely.geometry import shape
 from skyvault.catalog.registration import open_catalog
 from skyvault.config.provision import provision_tag_limits
 from skyvault.config.settings import Settings, StoreSettings
+from skyvault.errors import IngestFailedError
 from skyvault.flows.ingest import ingest
 from skyvault.models import IngestSummary, ProductOutcome, ProductStatus
 from skyvault.samples import SIZE, UTM_ORIGIN, UTM_PIXEL, write_samples
@@ -56,6 +57,9 @@ def ingest_state(**params: Any) -> State[IngestSummary]:
 
 def summary_of(state: State[IngestSummary]) -> IngestSummary:
     summary = state.result(raise_on_failure=False)
+    if state.is_failed():  # nothing succeeded: the run fails with the summary in its error
+        assert isinstance(summary, IngestFailedError), summary
+        summary = summary.summary
     assert isinstance(summary, IngestSummary), f"ingest ended {state.type}: {state.message}"
     return summary
 
@@ -301,6 +305,27 @@ def test_replace_rebuilds(configure: Callable[..., Settings], tmp_path: Path) ->
     for key in new_tiles:
         x, y = (int(v) for v in key[len(layer) :].removesuffix(".png").split("/"))
         assert tms.bounds(morecantile.Tile(x, y, 10)).left < 10.1
+
+
+def test_an_ingest_where_every_product_fails_raises_with_every_outcome(
+    configure: Callable[..., Settings], tmp_path: Path
+) -> None:
+    s = configure(StoreSettings(root=tmp_path / "store"))
+    store = open_store(s.store)
+    store.put_bytes("landing/demo-dem/BAD_1.tif", b"not a tiff at all")
+    store.put_bytes("landing/demo-dem/BAD_2.tif", b"II*\x00\x08\x00\x00\x00 cut short")
+
+    with pytest.raises(IngestFailedError, match="2 failed") as raised:
+        ingest(collection="demo-dem", seed_tiles=False)
+
+    summary = raised.value.summary
+    assert isinstance(summary, IngestSummary)
+    assert {o.product_id: o.state for o in summary.outcomes} == {"BAD_1": "failed", "BAD_2": "failed"}
+    assert all(o.product_id in (o.message or "") for o in summary.outcomes)
+    assert [o.key for o in store.list("landing/demo-dem/")] == [
+        "landing/demo-dem/BAD_1.tif",
+        "landing/demo-dem/BAD_2.tif",
+    ]
 
 
 def _product(pid: str) -> Any:
