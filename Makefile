@@ -6,16 +6,22 @@ UV := $(PYTHON) -m uv
 RUN := $(UV) run --frozen
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test setup setup-python setup-system lint typecheck pytest bench clean
+.PHONY: demo ui test setup setup-python setup-system lint typecheck pytest bench clean
 
 demo: setup-python ## make sample products and run ingest on local folders + a static catalog
 	PREFECT_HOME=$(CURDIR)/skyvault-data/prefect $(RUN) python -m skyvault.demo
 
-test: setup-python lint typecheck pytest ## set up everything and pass the whole suite
+UI_PORT ?= 4200
+
+ui: setup-python ## the Prefect UI on the demo's runs (PREFECT_HOME=skyvault-data/prefect), on 127.0.0.1
+	@echo "Prefect UI on the demo's runs: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"
+	PREFECT_HOME=$(CURDIR)/skyvault-data/prefect $(RUN) prefect server start --host 127.0.0.1 --port $(UI_PORT)
+
+test: setup-system setup-python lint typecheck pytest ## set up everything and pass the whole suite
 
 setup: setup-system setup-python
 
-setup-system: ## system packages the suite and the benchmarks use (Debian)
+setup-system: ## system packages the suite (PostgreSQL, Docker, debootstrap) and the benchmarks use (Debian)
 	@bash scripts/setup-system.sh
 
 setup-python: ## the locked Python environment in .venv

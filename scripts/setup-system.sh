@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages skyvault's tests and benchmarks need, when they are missing.
+# docker.io's service is not started: the end-to-end test runs an engine of its own.
 set -euo pipefail
 need=()
 command -v gdal_translate >/dev/null 2>&1 || need+=(gdal-bin)
 command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
+# the Docker end-to-end test: an engine it starts itself, and a base image made from Debian packages
+command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
+command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "setup-system: need root to install ${need[*]}" >&2
