@@ -32,6 +32,8 @@ log() { echo "build-runtime-image: $*" >&2; }
 die() { log "$*"; exit 1; }
 
 docker info >/dev/null 2>&1 || die "no Docker engine answers (DOCKER_HOST=${DOCKER_HOST:-default})"
+"$python" -m uv --version >/dev/null 2>&1 && "$python" -m pip --version >/dev/null 2>&1 \
+  || die "$python has no pip or no uv: set PYTHON to an interpreter with both (make setup-python installs uv)"
 mkdir -p "$cache"
 
 debian_mirror() {

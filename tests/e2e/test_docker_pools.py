@@ -351,7 +351,15 @@ def test_the_dev_environment_runs_every_flow_in_docker_work_pools(stack: Stack, 
     stack.exits.callback(_remove_run_containers, docker_client)
 
     t = time.monotonic()
-    build_env = {**os.environ, "DOCKER_HOST": stack.docker_host, "SKYVAULT_IMAGE": IMAGE}
+    # the wheels are fetched by the interpreter this environment was made from, which has pip and
+    # uv (make setup-python installs uv there); the environment itself has neither
+    base_python = str(Path(sys.base_prefix) / "bin" / "python3")
+    build_env = {
+        **os.environ,
+        "DOCKER_HOST": stack.docker_host,
+        "SKYVAULT_IMAGE": IMAGE,
+        "PYTHON": base_python,
+    }
     out = stack.run([str(ROOT / "scripts" / "build-runtime-image.sh")], env=build_env, timeout=1800)
     assert out.strip().splitlines()[-1] == IMAGE
     image = docker_client.images.get(IMAGE)
