@@ -159,7 +159,8 @@ class IngestSummary(_Record):
 
     def headline(self) -> str:
         """One line: found / done / skipped / failed."""
-        return f"{self.found} products: {self.done} done, {self.skipped} skipped, {self.failed} failed"
+        noun = "product" if self.found == 1 else "products"
+        return f"{self.found} {noun}: {self.done} done, {self.skipped} skipped, {self.failed} failed"
 
 
 class SeedChunk(_Record):

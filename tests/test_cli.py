@@ -175,4 +175,4 @@ def test_an_ingest_where_nothing_succeeds_still_prints_every_outcome(
     summary = json.loads(out)
     assert (summary["done"], summary["failed"]) == (0, 1)
     assert summary["outcomes"][0]["product_id"] == "BAD_1"
-    assert "ingest failed: 1 products: 0 done, 0 skipped, 1 failed" in err
+    assert "ingest failed: 1 product: 0 done, 0 skipped, 1 failed" in err
