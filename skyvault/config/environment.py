@@ -19,6 +19,13 @@ The file says what the config job (``skyvault-provision``) sets up on a Prefect 
 ``work_pools``
     work pools by name: ``type`` (``docker``), the ``base_job_template`` file and ``job_variables``
     written into it as defaults (mappings such as ``env`` are merged over the template's defaults).
+``crash_detection``
+    ``heartbeat_seconds`` (how often flow runs send ``prefect.flow-run.heartbeat``, at least 30)
+    and ``missing_after_seconds`` (how long a running flow run may stay silent before the
+    automation :data:`CRASH_AUTOMATION` marks it Crashed, at least ``heartbeat_seconds`` + 10).
+    ``heartbeat_seconds`` is written into every work pool's ``env`` as
+    :data:`HEARTBEAT_ENV`, so the flow containers send heartbeats at the rate the automation
+    expects; a pool that sets another value there is refused.
 
 Relative paths in the file are resolved against the file's folder; paths in environment
 variables against the current folder.
@@ -41,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from skyvault.config.settings import (
     NOT_FROM_VARIABLES,
@@ -59,6 +66,21 @@ OVERRIDE_PREFIX = "SKYVAULT_PROVISION__"
 
 #: Longest JSON text a Prefect variable may hold.
 MAX_VARIABLE_CHARS = 5000
+
+#: The automation that marks flow runs Crashed when their heartbeats stop.
+CRASH_AUTOMATION = "skyvault-crashed-flow-runs"
+
+#: The flow containers' setting of how often a flow run sends a heartbeat, in seconds.
+HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+
+#: Older names Prefect still reads for the same setting.
+_HEARTBEAT_ALIASES = ("PREFECT_RUNNER_HEARTBEAT_FREQUENCY",)
+
+#: Prefect's lower bound of the heartbeat frequency.
+MIN_HEARTBEAT_SECONDS = 30
+
+#: Silence tolerated beyond one heartbeat period before a run counts as crashed.
+MIN_SLACK_SECONDS = 10
 
 _ENV_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _BLOCK_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
@@ -119,6 +141,24 @@ class WorkPoolSpec(_Strict):
     concurrency_limit: int | None = Field(None, ge=0)
 
 
+class CrashDetection(_Strict):
+    """How flow runs whose process died are found: heartbeats, and how long one may be missing."""
+
+    heartbeat_seconds: int = Field(ge=MIN_HEARTBEAT_SECONDS)
+    missing_after_seconds: int
+
+    @model_validator(mode="after")
+    def _window_holds_a_heartbeat(self) -> CrashDetection:
+        least = self.heartbeat_seconds + MIN_SLACK_SECONDS
+        if self.missing_after_seconds < least:
+            raise ValueError(
+                f"missing_after_seconds ({self.missing_after_seconds}) must be at least heartbeat_seconds "
+                f"+ {MIN_SLACK_SECONDS} ({least}), or running flow runs would be marked Crashed between "
+                "two heartbeats"
+            )
+        return self
+
+
 class EnvironmentFile(_Strict):
     """The shape of ``config/<env>.yaml``."""
 
@@ -126,6 +166,7 @@ class EnvironmentFile(_Strict):
     secrets: dict[str, SecretSource | None] = Field(default_factory=dict)
     aws: AwsSpec = Field(default_factory=AwsSpec)
     work_pools: dict[str, WorkPoolSpec] = Field(default_factory=dict)
+    crash_detection: CrashDetection | None = None
 
 
 # --- the environment, resolved --------------------------------------------------------------------
@@ -182,6 +223,7 @@ class Environment(_Strict):
     s3_buckets: list[S3BucketBlock]
     tag_limits: dict[str, int]
     work_pools: list[WorkPoolConfig]
+    crash_detection: CrashDetection | None = None
     overrides: list[str] = Field(default_factory=list)
 
 
@@ -234,7 +276,8 @@ def load_environment(env: str, config_dir: Path, environ: Mapping[str, str]) -> 
     by_setting = {s.setting: s for s in secrets}
     credentials = _aws_credentials(spec.aws, settings, by_setting, path)
     buckets = _s3_buckets(spec.aws, settings, {c.name for c in credentials}, path)
-    pools = [_work_pool(name, pool, base, path) for name, pool in spec.work_pools.items()]
+    crash = spec.crash_detection
+    pools = [_work_pool(name, pool, base, path, crash) for name, pool in spec.work_pools.items()]
     _no_secret_leaks(secrets, variables, pools, path)
     return Environment(
         name=env,
@@ -246,6 +289,7 @@ def load_environment(env: str, config_dir: Path, environ: Mapping[str, str]) -> 
         s3_buckets=buckets,
         tag_limits=dict(settings.concurrency.tag_limits),
         work_pools=pools,
+        crash_detection=crash,
         overrides=overrides,
     )
 
@@ -424,7 +468,9 @@ def _check_block_name(name: str, section: str, path: Path) -> None:
         raise ConfigError(f"{path}: {section}.{name}: a block name is lower-case letters, digits and '-'")
 
 
-def _work_pool(name: str, spec: WorkPoolSpec, base: Path, path: Path) -> WorkPoolConfig:
+def _work_pool(
+    name: str, spec: WorkPoolSpec, base: Path, path: Path, crash: CrashDetection | None
+) -> WorkPoolConfig:
     from prefect.utilities.schema_tools import ValidationError as SchemaValidationError
     from prefect.utilities.schema_tools import validate
 
@@ -461,6 +507,8 @@ def _work_pool(name: str, spec: WorkPoolSpec, base: Path, path: Path) -> WorkPoo
         if isinstance(value, dict) and isinstance(default, dict):
             value = {**default, **value}
         prop["default"] = value
+    if crash is not None:
+        _set_heartbeat(name, merged, crash, path)
     return WorkPoolConfig(
         name=name,
         type=spec.type,
@@ -469,6 +517,26 @@ def _work_pool(name: str, spec: WorkPoolSpec, base: Path, path: Path) -> WorkPoo
         description=spec.description,
         concurrency_limit=spec.concurrency_limit,
     )
+
+
+def _set_heartbeat(name: str, template: dict[str, Any], crash: CrashDetection, path: Path) -> None:
+    """Write ``crash.heartbeat_seconds`` into the pool's ``env`` default; refuse another value there."""
+    prop = template["variables"]["properties"].get("env")
+    if not isinstance(prop, dict):
+        raise ConfigError(
+            f"work pool {name}: its base job template has no 'env' variable to set {HEARTBEAT_ENV} in"
+        )
+    env = dict(prop.get("default") or {})
+    wanted = str(crash.heartbeat_seconds)
+    for key in (HEARTBEAT_ENV, *_HEARTBEAT_ALIASES):
+        if key in env and env[key] != wanted:
+            raise ConfigError(
+                f"work pool {name}: env {key}={env[key]!r} disagrees with "
+                f"crash_detection.heartbeat_seconds ({wanted}) in {path}; leave it out, "
+                "the config job sets it from crash_detection"
+            )
+    env[HEARTBEAT_ENV] = wanted
+    prop["default"] = env
 
 
 def _no_secret_leaks(

@@ -9,9 +9,10 @@ again changes nothing. The ``skyvault`` command runs it before every flow.
 
 For a server that deployments use, :func:`plan_environment` compares an
 :class:`~skyvault.config.environment.Environment` (``config/<env>.yaml``) with the server and
-returns a :class:`Plan`: per variable, Secret block, prefect-aws block, tag limit and work pool,
-whether it is created, updated or left as it is. :func:`apply_plan` carries out the changes in
-that order; a failure names the object it was changing. ``skyvault-provision``
+returns a :class:`Plan`: per variable, Secret block, prefect-aws block, tag limit, work pool and
+the crash-detection automation, whether it is created, updated or left as it is.
+:func:`apply_plan` carries out the changes in that order; a failure names the object it was
+changing. ``skyvault-provision``
 (:mod:`skyvault.config.provision_cli`) is the command around them.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from prefect.client.orchestration import get_client
@@ -34,7 +36,9 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from pydantic import SecretStr
 
 from skyvault.config.environment import (
+    CRASH_AUTOMATION,
     AwsCredentialsBlock,
+    CrashDetection,
     Environment,
     S3BucketBlock,
     SecretValue,
@@ -45,6 +49,7 @@ from skyvault.errors import SkyvaultError
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
+    from prefect.events.schemas.automations import AutomationCore
     from prefect_aws import AwsCredentials
 
 
@@ -124,6 +129,10 @@ def plan_environment(env: Environment) -> Plan:
             steps.append(_guard("tag limit", limit_name(tag), _plan_tag_limit, client, tag, limit))
         for pool in env.work_pools:
             steps.append(_guard("work pool", pool.name, _plan_work_pool, client, pool))
+        if env.crash_detection is not None:
+            steps.append(
+                _guard("automation", CRASH_AUTOMATION, _plan_automation, client, env.crash_detection)
+            )
     return Plan(tuple(steps))
 
 
@@ -391,6 +400,120 @@ def _without_defaults(template: dict[str, Any]) -> dict[str, Any]:
     }
     out["variables"] = variables
     return out
+
+
+# --- crash detection -----------------------------------------------------------------------------
+
+#: What a running flow run sends every `heartbeat_seconds`; it and a final state end its silence.
+HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+_FINAL_EVENTS = tuple(
+    f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")
+)
+
+
+def crash_automation(crash: CrashDetection) -> AutomationCore:
+    """The automation that marks a flow run Crashed when it stays silent too long.
+
+    A proactive event trigger, evaluated for each flow run: once the run is ``Running`` or has sent a
+    heartbeat, it expects another heartbeat or a final state within ``missing_after_seconds``; when
+    none comes, the run's state is changed to Crashed.
+    """
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    within = crash.missing_after_seconds
+    return AutomationCore(
+        name=CRASH_AUTOMATION,
+        description=(
+            f"Marks a flow run Crashed when it sends no heartbeat for {within} s while running "
+            f"(flow runs send one every {crash.heartbeat_seconds} s): its worker, container or "
+            "host died. Managed by skyvault-provision."
+        ),
+        enabled=True,
+        tags=[],
+        trigger=EventTrigger(
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification({}),
+            after={"prefect.flow-run.Running", HEARTBEAT_EVENT},
+            expect={HEARTBEAT_EVENT, *_FINAL_EVENTS},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=(
+                    f"no heartbeat for {within} s: the flow run's process is gone "
+                    f"(marked by the automation {CRASH_AUTOMATION})"
+                ),
+            )
+        ],
+        actions_on_trigger=[],
+        actions_on_resolve=[],
+    )
+
+
+_AUTOMATION_FIELDS = (
+    "description",
+    "enabled",
+    "tags",
+    "trigger",
+    "actions",
+    "actions_on_trigger",
+    "actions_on_resolve",
+)
+
+
+def _automation_data(automation: AutomationCore) -> dict[str, Any]:
+    data = automation.model_dump(mode="json", include=set(_AUTOMATION_FIELDS))
+    for key in ("after", "expect", "for_each"):
+        data["trigger"][key] = sorted(data["trigger"].get(key) or [])
+    return data
+
+
+def _automation_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    changed: list[str] = []
+    for key in _AUTOMATION_FIELDS:
+        if key == "trigger" and isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+            o, n = old[key], new[key]
+            changed += [f"trigger.{k}" for k in sorted(o.keys() | n.keys()) if o.get(k) != n.get(k)]
+        elif old.get(key) != new.get(key):
+            changed.append(key)
+    return "changed: " + ", ".join(changed)
+
+
+def _plan_automation(client: SyncPrefectClient, crash: CrashDetection) -> Step:
+    wanted = crash_automation(crash)
+    existing = [a for a in client.read_automations_by_name(CRASH_AUTOMATION) if a.name == CRASH_AUTOMATION]
+    if len(existing) > 1:
+        ids = ", ".join(str(a.id) for a in existing)
+        raise ProvisioningError(
+            f"automation {CRASH_AUTOMATION} exists {len(existing)} times ({ids}); delete all but one "
+            f"(prefect automation delete --id <id>) and run again"
+        )
+    detail = (
+        f"Crashed after {crash.missing_after_seconds} s without a heartbeat, "
+        f"heartbeats every {crash.heartbeat_seconds} s"
+    )
+    if not existing:
+
+        def create(c: SyncPrefectClient) -> None:
+            c.create_automation(wanted)
+
+        return Step("automation", CRASH_AUTOMATION, "create", detail, create)
+    (current,) = existing
+    old, new = _automation_data(current), _automation_data(wanted)
+    if old == new:
+        return Step("automation", CRASH_AUTOMATION, "leave")
+
+    def update(c: SyncPrefectClient) -> None:
+        c.update_automation(current.id, wanted)
+
+    return Step("automation", CRASH_AUTOMATION, "update", _automation_differences(old, new), update)
 
 
 # --- stale tag slots ------------------------------------------------------------------------------

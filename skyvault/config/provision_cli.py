@@ -8,10 +8,11 @@ Examples::
 
 Reads ``<config-dir>/<env>.yaml`` with its ``SKYVAULT_PROVISION__...`` overrides and secret files
 (:mod:`skyvault.config.environment`), compares it with the server named by ``PREFECT_API_URL`` and
-prints the plan: variables, Secret blocks, prefect-aws blocks, tag limits and work pools to create
-or update (``no changes`` when the server already matches). Without ``--dry-run`` it then applies
-the changes. Exit codes: 0 done, 1 a change failed (the message names it), 2 nothing was tried
-(invalid configuration, a missing secret file, no or unreachable Prefect server).
+prints the plan: variables, Secret blocks, prefect-aws blocks, tag limits, work pools and the
+crash-detection automation to create or update (``no changes`` when the server already
+matches). Without ``--dry-run`` it then applies the changes. Exit codes: 0 done, 1 a change failed
+(the message names it), 2 nothing was tried (invalid configuration, a missing secret file, no or
+unreachable Prefect server).
 """
 
 from __future__ import annotations

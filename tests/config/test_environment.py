@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from skyvault.config.environment import Environment, load_environment
+from skyvault.config.environment import HEARTBEAT_ENV, Environment, load_environment
 from skyvault.config.settings import (
     Settings,
     get_settings,
@@ -73,6 +73,8 @@ def test_shipped_environments_load(env: str, tmp_path: Path) -> None:
         assert props["auto_remove"]["default"] is True
         assert props["image"]["default"]
         assert props["env"]["default"]["SKYVAULT_PREFECT_VARIABLES"] == "true"
+        assert loaded.crash_detection is not None
+        assert props["env"]["default"][HEARTBEAT_ENV] == str(loaded.crash_detection.heartbeat_seconds)
         volumes = props["volumes"]["default"]
         assert any(v.endswith(":/scratch") for v in volumes)
         if pool.name != "skyvault-ingest":
@@ -318,3 +320,75 @@ def test_half_a_key_pair_fails_naming_the_missing_half(monkeypatch: pytest.Monke
         ConfigError, match=r"store\.secret_access_key is missing.*skyvault-store-secret-access-key"
     ):
         get_settings()
+
+
+# --- crash detection --------------------------------------------------------------------------------
+
+
+def test_every_pool_sends_heartbeats_at_the_configured_rate(tmp_path: Path) -> None:
+    body = minimal(crash_detection={"heartbeat_seconds": 40, "missing_after_seconds": 120})
+    body["work_pools"]["pool-b"] = {"base_job_template": str(TEMPLATE), "job_variables": {"env": {"X": "1"}}}
+    loaded = load_environment("test", write_env(tmp_path, body), {})
+    assert loaded.crash_detection is not None
+    assert (loaded.crash_detection.heartbeat_seconds, loaded.crash_detection.missing_after_seconds) == (
+        40,
+        120,
+    )
+    envs = {
+        p.name: p.base_job_template["variables"]["properties"]["env"]["default"] for p in loaded.work_pools
+    }
+    assert envs == {
+        "pool-a": {"SKYVAULT_PREFECT_VARIABLES": "true", HEARTBEAT_ENV: "40"},
+        "pool-b": {"SKYVAULT_PREFECT_VARIABLES": "true", "X": "1", HEARTBEAT_ENV: "40"},
+    }
+    overridden = load_environment(
+        "test",
+        write_env(tmp_path, body),
+        {"SKYVAULT_PROVISION__CRASH_DETECTION__HEARTBEAT_SECONDS": "60"},
+    )
+    for pool in overridden.work_pools:
+        assert pool.base_job_template["variables"]["properties"]["env"]["default"][HEARTBEAT_ENV] == "60"
+
+
+def test_without_crash_detection_the_pools_env_is_left_alone(tmp_path: Path) -> None:
+    loaded = load_environment("test", write_env(tmp_path, minimal()), {})
+    assert loaded.crash_detection is None
+    env = loaded.work_pools[0].base_job_template["variables"]["properties"]["env"]["default"]
+    assert HEARTBEAT_ENV not in env
+
+
+@pytest.mark.parametrize("key", [HEARTBEAT_ENV, "PREFECT_RUNNER_HEARTBEAT_FREQUENCY"])
+def test_a_pool_env_that_disagrees_with_the_heartbeat_is_refused(tmp_path: Path, key: str) -> None:
+    body = minimal(crash_detection={"heartbeat_seconds": 30, "missing_after_seconds": 90})
+    body["work_pools"]["pool-a"]["job_variables"]["env"] = {key: "180"}
+    with pytest.raises(
+        ConfigError, match=rf"pool-a: env {key}='180' disagrees with .*heartbeat_seconds \(30\)"
+    ):
+        load_environment("test", write_env(tmp_path, body), {})
+    body["work_pools"]["pool-a"]["job_variables"]["env"] = {HEARTBEAT_ENV: "30"}
+    loaded = load_environment("test", write_env(tmp_path, body), {})
+    assert (
+        loaded.work_pools[0].base_job_template["variables"]["properties"]["env"]["default"][HEARTBEAT_ENV]
+        == "30"
+    )
+
+
+@pytest.mark.parametrize(
+    ("crash", "message"),
+    [
+        (
+            {"heartbeat_seconds": 30, "missing_after_seconds": 35},
+            r"missing_after_seconds \(35\) must be at least",
+        ),
+        (
+            {"heartbeat_seconds": 10, "missing_after_seconds": 90},
+            r"heartbeat_seconds.*greater than or equal to 30",
+        ),
+        ({"heartbeat_seconds": 30}, r"missing_after_seconds.*Field required"),
+    ],
+)
+def test_a_crash_window_that_cannot_hold_a_heartbeat_is_refused(
+    tmp_path: Path, crash: dict[str, int], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"test\.yaml: crash_detection.*{message}"):
+        load_environment("test", write_env(tmp_path, minimal(crash_detection=crash)), {})

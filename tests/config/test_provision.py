@@ -28,8 +28,8 @@ from prefect.exceptions import ObjectNotFound
 
 import skyvault.flows
 import skyvault.tasks
-from skyvault.config.environment import load_environment
-from skyvault.config.provision import limit_name, provision_tag_limits, tag_limits
+from skyvault.config.environment import CRASH_AUTOMATION, HEARTBEAT_ENV, load_environment
+from skyvault.config.provision import HEARTBEAT_EVENT, limit_name, provision_tag_limits, tag_limits
 from skyvault.config.provision_cli import main, provision
 from skyvault.config.settings import DEFAULT_TAG_LIMITS, ConcurrencySettings, Settings
 from tests.config.test_environment import CONFIG_DIR, POOLS, SECRET_VALUES, secret_files
@@ -275,6 +275,8 @@ def _remove_everything(environ: dict[str, str]) -> None:
         for pool in POOLS:
             with contextlib.suppress(ObjectNotFound):
                 client.delete_work_pool(pool)
+        for automation in client.read_automations_by_name(CRASH_AUTOMATION):
+            client.delete_automation(automation.id)
     provision_tag_limits(sample_settings())
 
 
@@ -293,6 +295,9 @@ def _server_state() -> dict[str, Any]:
 
     state: dict[str, Any] = {"variables": {}, "secrets": {}, "pools": {}, "limits": {}}
     with get_client(sync_client=True) as client:
+        state["automations"] = [
+            a.model_dump(mode="json") for a in client.read_automations_by_name(CRASH_AUTOMATION)
+        ]
         for variable in client.read_variables(limit=200):
             if variable.name.startswith("skyvault_"):
                 state["variables"][variable.name] = variable.value
@@ -332,11 +337,16 @@ def test_a_dry_run_prints_the_plan_and_changes_nothing(job_env: dict[str, str]) 
     assert "create Secret block skyvault-store-secret-access-key" in out
     assert "create work pool skyvault-archival" in out
     assert "update tag limit tag:lts-write (limit 4 -> 2)" in out
+    assert (
+        f"create automation {CRASH_AUTOMATION} "
+        "(Crashed after 90 s without a heartbeat, heartbeats every 30 s)" in out
+    )
     assert "dry run: nothing changed" in out
     assert SECRET_VALUES["store.secret_access_key"] not in out
     assert _server_state() == before
     assert before["aws"] is None
     assert not before["pools"]
+    assert not before["automations"]
 
 
 def test_the_first_run_creates_everything_and_the_second_changes_nothing(job_env: dict[str, str]) -> None:
@@ -345,6 +355,7 @@ def test_the_first_run_creates_everything_and_the_second_changes_nothing(job_env
     assert "applied" in out
     state = _server_state()
     loaded = load_environment("dev", CONFIG_DIR, job_env)
+    assert loaded.crash_detection is not None
 
     assert state["variables"]["skyvault_store"] == {
         "kind": "s3",
@@ -380,7 +391,10 @@ def test_the_first_run_creates_everything_and_the_second_changes_nothing(job_env
         assert defaults["image_pull_policy"] == "Never"
         assert defaults["network_mode"] == "host"
         assert defaults["auto_remove"] is True
-        assert defaults["env"] == {"SKYVAULT_PREFECT_VARIABLES": "true"}
+        assert defaults["env"] == {
+            "SKYVAULT_PREFECT_VARIABLES": "true",
+            HEARTBEAT_ENV: str(loaded.crash_detection.heartbeat_seconds),
+        }
         assert ("/mnt/lts:/mnt/lts" in defaults["volumes"]) == (name != "skyvault-ingest")
         assert template["job_configuration"]["network_mode"] == "{{ network_mode }}"
 
@@ -428,6 +442,137 @@ def test_a_changed_value_is_updated_and_nothing_else(job_env: dict[str, str]) ->
         "skyvault/runtime:dev"
     )
     assert run_job(changed)[1].splitlines()[0] == "no changes"
+
+
+# --- crash detection: the automation and the heartbeats of the pools -----------------------------
+
+
+def _crash_automations() -> list[Any]:
+    with get_client(sync_client=True) as client:
+        return [a for a in client.read_automations_by_name(CRASH_AUTOMATION) if a.name == CRASH_AUTOMATION]
+
+
+def _pool_heartbeats() -> dict[str, str | None]:
+    with get_client(sync_client=True) as client:
+        return {
+            pool: client.read_work_pool(pool)
+            .base_job_template["variables"]["properties"]["env"]["default"]
+            .get(HEARTBEAT_ENV)
+            for pool in POOLS
+        }
+
+
+def test_the_config_job_creates_the_crash_automation_and_pool_heartbeats(job_env: dict[str, str]) -> None:
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    code, out, err = run_job(job_env)
+    assert code == 0, err
+    crash = load_environment("dev", CONFIG_DIR, job_env).crash_detection
+    assert crash is not None
+    (automation,) = _crash_automations()
+    assert automation.enabled
+    trigger = automation.trigger
+    assert isinstance(trigger, EventTrigger)
+    assert trigger.posture == Posture.Proactive
+    assert trigger.within.total_seconds() == crash.missing_after_seconds
+    assert trigger.threshold == 1
+    assert trigger.for_each == {"prefect.resource.id"}
+    assert trigger.after == {"prefect.flow-run.Running", HEARTBEAT_EVENT}
+    assert trigger.expect == {
+        HEARTBEAT_EVENT,
+        "prefect.flow-run.Completed",
+        "prefect.flow-run.Failed",
+        "prefect.flow-run.Cancelled",
+        "prefect.flow-run.Crashed",
+    }
+    match = trigger.match
+    assert not isinstance(match, dict)
+    assert match.model_dump() == {"prefect.resource.id": ["prefect.flow-run.*"]}
+    (action,) = automation.actions
+    assert isinstance(action, ChangeFlowRunState)
+    assert action.state == StateType.CRASHED
+    assert not action.force  # a run that already ended keeps its final state
+    # the pools' flow containers send heartbeats at the rate the automation expects
+    assert _pool_heartbeats() == dict.fromkeys(POOLS, str(crash.heartbeat_seconds))
+
+    code, out, _ = run_job(job_env)
+    assert code == 0
+    assert out.splitlines()[0] == "no changes"
+    assert [a.id for a in _crash_automations()] == [automation.id]
+
+
+def test_a_changed_crash_threshold_updates_the_automation_and_the_pools(job_env: dict[str, str]) -> None:
+    assert run_job(job_env)[0] == 0
+    (before,) = _crash_automations()
+    longer = {**job_env, "SKYVAULT_PROVISION__CRASH_DETECTION__MISSING_AFTER_SECONDS": "150"}
+
+    code, out, _ = run_job(longer, "--dry-run")
+    assert code == 0
+    assert f"update automation {CRASH_AUTOMATION} (changed: description, trigger.within, actions)" in out
+    assert _crash_automations()[0].trigger.model_dump() == before.trigger.model_dump()
+
+    code, out, err = run_job(longer)
+    assert code == 0, err
+    changes = [line for line in out.splitlines() if line.startswith(("create", "update"))]
+    assert changes == [
+        f"update automation {CRASH_AUTOMATION} (changed: description, trigger.within, actions)"
+    ]
+    (after,) = _crash_automations()
+    assert after.id == before.id
+    assert after.trigger.within.total_seconds() == 150
+
+    faster = {**longer, "SKYVAULT_PROVISION__CRASH_DETECTION__HEARTBEAT_SECONDS": "45"}
+    code, out, err = run_job(faster)
+    assert code == 0, err
+    changes = sorted(line for line in out.splitlines() if line.startswith(("create", "update")))
+    assert changes == sorted(
+        [f"update work pool {pool} (changed: env default)" for pool in POOLS]
+        + [f"update automation {CRASH_AUTOMATION} (changed: description)"]
+    )
+    assert _pool_heartbeats() == dict.fromkeys(POOLS, "45")
+    assert run_job(faster)[1].splitlines()[0] == "no changes"
+
+
+def test_a_paused_or_edited_crash_automation_is_put_back(job_env: dict[str, str]) -> None:
+    from prefect.events.schemas.automations import AutomationCore
+
+    assert run_job(job_env)[0] == 0
+    (automation,) = _crash_automations()
+    edited = AutomationCore.model_validate(
+        {
+            **automation.model_dump(exclude={"id", "owner_resource"}),
+            "enabled": False,
+            "trigger": {**automation.trigger.model_dump(), "expect": [HEARTBEAT_EVENT]},
+        }
+    )
+    with get_client(sync_client=True) as client:
+        client.update_automation(automation.id, edited)
+    assert not _crash_automations()[0].enabled
+
+    code, out, err = run_job(job_env)
+    assert code == 0, err
+    assert f"update automation {CRASH_AUTOMATION} (changed: enabled, trigger.expect)" in out
+    (restored,) = _crash_automations()
+    assert restored.enabled
+    assert restored.model_dump(exclude={"id"}) == automation.model_dump(exclude={"id"})
+
+
+def test_duplicate_crash_automations_are_named_not_guessed(job_env: dict[str, str]) -> None:
+    assert run_job(job_env)[0] == 0
+    (automation,) = _crash_automations()
+    from prefect.events.schemas.automations import AutomationCore
+
+    with get_client(sync_client=True) as client:
+        second = client.create_automation(
+            AutomationCore.model_validate(automation.model_dump(exclude={"id"}))
+        )
+    code, _, err = run_job(job_env)
+    assert code == 1
+    assert f"automation {CRASH_AUTOMATION} exists 2 times" in err
+    assert str(second) in err
+    assert "prefect automation delete" in err
 
 
 @pytest.mark.parametrize("content", [None, ""])
