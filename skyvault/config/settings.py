@@ -365,15 +365,23 @@ def _prefect_enabled(env_settings: PydanticBaseSettingsSource) -> bool:
     return str(flag).lower() in ("1", "true", "yes", "on") if flag is not None else False
 
 
-class _EnvWithoutSecretFiles(PydanticBaseSettingsSource):
-    """The ``SKYVAULT_*`` environment, without the ``*_FILE`` names that :class:`_SecretFilesSource` reads."""
+class _WholeSource(PydanticBaseSettingsSource):
+    """A settings source that gives its values all at once from ``__call__``."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+
+class _EnvSource(_WholeSource):
+    """A source derived from the ``SKYVAULT_*`` environment (pydantic's own env source)."""
 
     def __init__(self, settings_cls: type[BaseSettings], env_settings: PydanticBaseSettingsSource) -> None:
         super().__init__(settings_cls)
         self._env = env_settings
 
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
-        return None, field_name, False
+
+class _EnvWithoutSecretFiles(_EnvSource):
+    """The ``SKYVAULT_*`` environment, without the ``*_FILE`` names that :class:`_SecretFilesSource` reads."""
 
     def __call__(self) -> dict[str, Any]:
         data = self._env()
@@ -382,15 +390,8 @@ class _EnvWithoutSecretFiles(PydanticBaseSettingsSource):
         return data
 
 
-class _SecretFilesSource(PydanticBaseSettingsSource):
+class _SecretFilesSource(_EnvSource):
     """Secrets from the files named by ``SKYVAULT_<PATH>_FILE`` environment variables."""
-
-    def __init__(self, settings_cls: type[BaseSettings], env_settings: PydanticBaseSettingsSource) -> None:
-        super().__init__(settings_cls)
-        self._env = env_settings
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
-        return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
         env = _env_vars(self._env)
@@ -403,7 +404,7 @@ class _SecretFilesSource(PydanticBaseSettingsSource):
         return out
 
 
-class _YamlFileSource(PydanticBaseSettingsSource):
+class _YamlFileSource(_WholeSource):
     """Reads the YAML file named by ``config_file`` (keyword or ``SKYVAULT_CONFIG_FILE``)."""
 
     def __init__(
@@ -414,9 +415,6 @@ class _YamlFileSource(PydanticBaseSettingsSource):
     ) -> None:
         super().__init__(settings_cls)
         self._path = _env_value(env_settings, init_settings, "config_file")
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
-        return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
         if not self._path:
@@ -431,21 +429,14 @@ class _YamlFileSource(PydanticBaseSettingsSource):
         return data
 
 
-class _PrefectSecretBlocksSource(PydanticBaseSettingsSource):
+class _PrefectSecretBlocksSource(_EnvSource):
     """Secrets from the Prefect Secret blocks named by :func:`secret_block_name`.
 
     Only consulted when ``SKYVAULT_PREFECT_VARIABLES=true``; a block that does not exist gives nothing.
     """
 
-    def __init__(self, settings_cls: type[BaseSettings], env_settings: PydanticBaseSettingsSource) -> None:
-        super().__init__(settings_cls)
-        self._enabled = _prefect_enabled(env_settings)
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
-        return None, field_name, False
-
     def __call__(self) -> dict[str, Any]:
-        if not self._enabled:
+        if not _prefect_enabled(self._env):
             return {}
         from prefect.client.orchestration import get_client
         from prefect.exceptions import ObjectNotFound
@@ -467,7 +458,7 @@ class _PrefectSecretBlocksSource(PydanticBaseSettingsSource):
         return out
 
 
-class _PrefectVariablesSource(PydanticBaseSettingsSource):
+class _PrefectVariablesSource(_EnvSource):
     """Reads Prefect variables named ``skyvault_<field>`` (JSON values for nested fields).
 
     Only consulted when ``SKYVAULT_PREFECT_VARIABLES=true``, so the embedded default never needs
@@ -475,15 +466,8 @@ class _PrefectVariablesSource(PydanticBaseSettingsSource):
     dropped (with a warning naming the variable and the secret, never its value).
     """
 
-    def __init__(self, settings_cls: type[BaseSettings], env_settings: PydanticBaseSettingsSource) -> None:
-        super().__init__(settings_cls)
-        self._enabled = _prefect_enabled(env_settings)
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
-        return None, field_name, False
-
     def __call__(self) -> dict[str, Any]:
-        if not self._enabled:
+        if not _prefect_enabled(self._env):
             return {}
         from prefect.client.orchestration import get_client
 
