@@ -168,16 +168,9 @@ def prefect_harness() -> Iterator[None]:
 _HARNESS: list[bool] = []
 
 
-@pytest.fixture(autouse=True)
-def _free_tag_slots() -> None:
-    """Every test starts with the tag slots free, as on a fresh server.
-
-    Tests that SIGKILL a flow process leave its tag slots taken; a production server's lease
-    service gives them back when their leases expire, but the test server runs no such service.
-    Tests run one at a time, so no slot is legitimately held between two tests.
-    """
-    if not _HARNESS:
-        return
+def release_tag_slots() -> None:
+    """Set every tag limit's active slots to 0, as an operator frees a dead run's slots
+    (``prefect gcl update tag:<tag> --active-slots 0``)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
@@ -187,6 +180,18 @@ def _free_tag_slots() -> None:
                 client.update_global_concurrency_limit(
                     limit.name, GlobalConcurrencyLimitUpdate(active_slots=0)
                 )
+
+
+@pytest.fixture(autouse=True)
+def _free_tag_slots() -> None:
+    """Every test starts with the tag slots free, as on a fresh server.
+
+    Tests that SIGKILL a flow process leave its tag slots taken; a production server's lease
+    service gives them back when their leases expire, but the test server runs no such service.
+    Tests run one at a time, so no slot is legitimately held between two tests.
+    """
+    if _HARNESS:
+        release_tag_slots()
 
 
 @pytest.fixture

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import boto3
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.settings import PREFECT_API_URL
 
 from skyvault.archive.lts import lock_path
@@ -25,6 +23,7 @@ from skyvault.flows.archive import archive
 from skyvault.flows.retrieve import retrieve
 from skyvault.models import RetrieveResult
 from skyvault.storage.store import open_store
+from tests.conftest import release_tag_slots
 from tests.flows.test_archive import kill, skyvault_env, skyvault_result, start_skyvault, wait_for
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -197,12 +196,6 @@ def test_a_retrieval_in_another_process_is_waited_for_and_its_copies_reused(
     assert [b.copied for b in mine.datablocks] == [False, False, False]
 
 
-def release_tag_slots(*tags: str) -> None:
-    with get_client(sync_client=True) as client:
-        for tag in tags:
-            client.update_global_concurrency_limit(f"tag:{tag}", GlobalConcurrencyLimitUpdate(active_slots=0))
-
-
 def test_a_killed_retrieval_never_blocks_the_next_which_copies_the_rest(
     configure: Callable[..., Settings], archived: Settings, tmp_path: Path
 ) -> None:
@@ -231,8 +224,8 @@ def test_a_killed_retrieval_never_blocks_the_next_which_copies_the_rest(
     assert len(done) in (1, 2)
     # The killed process's tag slots would come back when their leases expire, but the test
     # server (like the embedded one) runs no service that reclaims expired leases; free them as
-    # an operator does (`prefect gcl update tag:<tag> --active-slots 0`).
-    release_tag_slots("lts-read", "object-store-read", "object-store-write")
+    # an operator does.
+    release_tag_slots()
 
     result = retrieve("ds-shared")
 
