@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -205,8 +206,8 @@ def _as_postgres_user(cmd: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def postgres(root: Path) -> Iterator[str]:
-    """A private PostgreSQL cluster under ``root`` on 127.0.0.1; yields a SQLAlchemy URL for Prefect."""
+def postgres_cluster(root: Path) -> Iterator[int]:
+    """A private PostgreSQL cluster under ``root`` on 127.0.0.1 (user ``postgres``); yields its port."""
     bindir = _postgres_bin()
     data = root / "pgdata"
     root.mkdir(parents=True, exist_ok=True)
@@ -219,10 +220,101 @@ def postgres(root: Path) -> Iterator[str]:
     ctl = [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log")]
     run(_as_postgres_user([*ctl, "-o", options, "-w", "start"]))
     try:
-        run(_as_postgres_user([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "prefect"]))
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
+        yield port
     finally:
         run(_as_postgres_user([*ctl, "-m", "fast", "-w", "stop"]))
+
+
+def create_database(port: int, name: str) -> str:
+    """Create database ``name`` in the cluster on ``port``; returns its libpq DSN."""
+    subprocess.run(
+        _as_postgres_user([str(_postgres_bin() / "createdb"), "-h", "127.0.0.1", "-p", str(port), name]),
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    return f"postgresql://postgres@127.0.0.1:{port}/{name}"
+
+
+@contextlib.contextmanager
+def postgres(root: Path) -> Iterator[str]:
+    """A private PostgreSQL cluster under ``root`` on 127.0.0.1; yields a SQLAlchemy URL for Prefect."""
+    with postgres_cluster(root) as port:
+        create_database(port, "prefect")
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
+
+
+def migrate_pgstac(dsn: str) -> None:
+    """Install pgstac (and the PostGIS, btree_gist and unaccent extensions) into the database."""
+    subprocess.run(
+        [str(Path(sys.executable).parent / "pypgstac"), "migrate", "--dsn", dsn],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+@contextlib.contextmanager
+def pgstac(root: Path, database: str = "catalog") -> Iterator[str]:
+    """A private PostgreSQL cluster with a pgstac database; yields its DSN."""
+    with postgres_cluster(root) as port:
+        dsn = create_database(port, database)
+        migrate_pgstac(dsn)
+        yield dsn
+
+
+@contextlib.contextmanager
+def stac_api(dsn: str, log_path: Path, startup_seconds: float = 120) -> Iterator[str]:
+    """stac-fastapi-pgstac with transactions on the pgstac database ``dsn``, on 127.0.0.1; yields its URL."""
+    parts = urllib.parse.urlsplit(dsn)
+    port = free_port()
+    env = {
+        **os.environ,
+        "PGUSER": parts.username or "postgres",
+        "PGPASSWORD": parts.password or "",
+        "PGHOST": parts.hostname or "127.0.0.1",
+        "PGPORT": str(parts.port or 5432),
+        "PGDATABASE": parts.path.lstrip("/"),
+        "ENABLE_TRANSACTIONS_EXTENSIONS": "true",
+    }
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "stac_fastapi.pgstac.app:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + startup_seconds
+            while not _answers(f"{url}/_mgmt/ping"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"stac-fastapi-pgstac did not start; see {log_path}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            _stop_group(proc)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 DATABASES = ("sqlite", "postgres")

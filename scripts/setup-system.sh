@@ -6,6 +6,8 @@ need=()
 command -v gdal_translate >/dev/null 2>&1 || need+=(gdal-bin)
 command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
+# pgstac catalogs: PostGIS for the default PostgreSQL (pg_dump/pg_restore come with postgresql)
+compgen -G "/usr/share/postgresql/*/extension/postgis.control" >/dev/null || need+=(postgresql-postgis)
 # the Docker end-to-end test: an engine it starts itself, and a base image made from Debian packages
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)

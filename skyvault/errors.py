@@ -94,6 +94,22 @@ class ItemExistsError(CatalogError):
     """An item already exists and ``replace`` was not requested."""
 
 
+class ItemsRejectedError(CatalogError):
+    """The catalog refused some items of a batch; the others were written.
+
+    ``errors`` maps each refused item id to the reason; ``written`` holds the refs (``ItemRef``)
+    of the items that were stored, so a bulk registration can report both.
+    """
+
+    def __init__(self, collection_id: str, errors: dict[str, str], written: list[Any] | None = None) -> None:
+        self.collection_id = collection_id
+        self.errors = dict(errors)
+        self.written = list(written or [])
+        first = "; ".join(f"{item_id}: {why}" for item_id, why in list(self.errors.items())[:5])
+        more = f" (and {len(self.errors) - 5} more)" if len(self.errors) > 5 else ""
+        super().__init__(f"collection {collection_id!r}: {len(self.errors)} item(s) refused: {first}{more}")
+
+
 class TilingError(ProductError):
     """Rendering or writing tiles failed."""
 
@@ -154,6 +170,10 @@ class InvalidSeedRequestError(SkyvaultError):
 
 class TransientCatalogError(CatalogError, TransientError):
     """A catalog read or write failed in a way that may succeed on retry."""
+
+
+class BackupError(CatalogError):
+    """Dumping or restoring the catalog database failed; names the dump or the database."""
 
 
 class IngestFailedError(SkyvaultError):

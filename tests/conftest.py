@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +238,76 @@ def configure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., 
         return get_settings()
 
     return _configure
+
+
+# --- catalog services: PostgreSQL with pgstac, and stac-fastapi-pgstac ---------------------------
+
+
+@dataclass(frozen=True)
+class PgstacServer:
+    """A private PostgreSQL cluster on loopback holding a migrated pgstac template database."""
+
+    port: int
+    template: str
+
+    def new_database(self, name: str) -> str:
+        """A fresh pgstac database copied from the template; returns its DSN."""
+        from bench.common import _as_postgres_user, _postgres_bin
+
+        subprocess.run(
+            _as_postgres_user(
+                [
+                    str(_postgres_bin() / "createdb"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-T",
+                    self.template,
+                    name,
+                ]
+            ),
+            check=True,
+            capture_output=True,
+        )
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+
+@dataclass(frozen=True)
+class StacApi:
+    """A stac-fastapi-pgstac with transactions on loopback, and the DSN of its pgstac database."""
+
+    url: str
+    dsn: str
+
+
+@pytest.fixture(scope="session")
+def pgstac_server() -> Iterator[PgstacServer]:
+    """PostgreSQL with PostGIS and pgstac (``pypgstac migrate``) for the whole session."""
+    from bench.common import create_database, migrate_pgstac, postgres_cluster
+
+    root = Path(tempfile.mkdtemp(prefix="skyvault-test-pgstac-"))
+    os.chmod(root, 0o755)  # the postgres user must reach its data folder
+    with postgres_cluster(root / "cluster") as port:
+        migrate_pgstac(create_database(port, "pgstac_template"))
+        yield PgstacServer(port=port, template="pgstac_template")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pgstac_dsn(pgstac_server: PgstacServer) -> str:
+    """The DSN of a fresh, empty pgstac database for one test."""
+    return pgstac_server.new_database("t_" + os.urandom(6).hex())
+
+
+@pytest.fixture(scope="session")
+def stac_api(pgstac_server: PgstacServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StacApi]:
+    """stac-fastapi-pgstac (transactions enabled) on its own pgstac database, for the whole session.
+
+    Tests share it: each uses collection ids of its own.
+    """
+    from bench.common import stac_api as start_stac_api
+
+    dsn = pgstac_server.new_database("stac_api")
+    with start_stac_api(dsn, tmp_path_factory.mktemp("stac-api") / "api.log") as url:
+        yield StacApi(url=url, dsn=dsn)

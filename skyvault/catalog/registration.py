@@ -26,6 +26,14 @@ def open_catalog(catalog: CatalogSettings, store: StoreSettings) -> CatalogBacke
     """
     if catalog.backend == "static":
         return StaticCatalog(catalog, store)
+    if catalog.backend == "stac-api":
+        from skyvault.catalog.stac_api import StacApiCatalog
+
+        return StacApiCatalog(catalog, store)
+    if catalog.backend == "pgstac":
+        from skyvault.catalog.pgstac import PgstacCatalog
+
+        return PgstacCatalog(catalog, store)
     raise ConfigError(f"unknown catalog backend {catalog.backend!r}")
 
 

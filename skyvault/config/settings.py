@@ -84,15 +84,46 @@ class StoreSettings(BaseModel):
 
 
 class CatalogSettings(BaseModel):
-    """Where STAC items go. ``static``: a static catalog under ``prefix`` on the object store."""
+    """Where STAC items go, chosen by ``backend``.
+
+    - ``static`` (default): a static catalog under ``prefix`` on the object store.
+    - ``stac-api``: a STAC API with the Transactions extension at ``url`` (e.g.
+      stac-fastapi-pgstac), with a bearer ``token`` or ``username`` + ``password`` when it asks.
+    - ``pgstac``: a pgstac database at ``dsn`` (``postgresql://user@host:port/db``), its
+      ``password`` given apart as a secret.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["static"] = "static"
+    backend: Literal["static", "stac-api", "pgstac"] = "static"
     prefix: str = "catalog"
     id: str = "skyvault"
     title: str = "skyvault catalog"
     description: str = "Products processed by skyvault"
+    url: str | None = None
+    dsn: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    #: Items per catalog call when registering in bulk (one transaction or one request each).
+    batch_size: int = Field(500, ge=1)
+    #: Items built at once from COGs by one bulk registration (threads).
+    build_workers: int = Field(default_factory=cpu_count, ge=1)
+    timeout_seconds: float = Field(60.0, gt=0)
+    #: Attempts per catalog call when the service is unreachable, overloaded (429) or failing (5xx).
+    max_attempts: int = Field(5, ge=1)
+    backoff_seconds: float = Field(0.5, ge=0)
+    #: Catalog database dumps (pgstac): where on the object store, and how long they are kept.
+    backup_prefix: str = "backups/catalog"
+    backup_keep_days: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _backend_needs_its_address(self) -> CatalogSettings:
+        if self.backend == "stac-api" and not self.url:
+            raise ValueError("catalog.backend 'stac-api' needs catalog.url (SKYVAULT_CATALOG__URL)")
+        if self.backend == "pgstac" and not self.dsn:
+            raise ValueError("catalog.backend 'pgstac' needs catalog.dsn (SKYVAULT_CATALOG__DSN)")
+        return self
 
 
 class LtsSettings(BaseModel):
@@ -134,6 +165,7 @@ DEFAULT_TAG_LIMITS: dict[str, int] = {
     "object-store-read": 16,
     "object-store-write": 16,
     "catalog-write": 4,
+    "catalog-backup": 1,
     "data-catalog": 4,
 }
 
