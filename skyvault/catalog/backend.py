@@ -10,8 +10,11 @@ import pystac
 
 from skyvault.config.collections import CollectionConfig
 from skyvault.errors import (
+    CatalogError,
+    InvalidIdentifierError,
     MissingDatetimeError,
 )
+from skyvault.ids import check_id
 from skyvault.items import bbox_parts, item_interval, parse_time, utc
 from skyvault.models import BBox, ItemRef
 
@@ -52,7 +55,11 @@ class CatalogBackend(Protocol):
         """Insert or replace ``items`` in one batch; ensure the collection; keep its extents current.
 
         Duplicate ids in a batch: the last one wins. Re-upserting an unchanged item changes
-        nothing and reports ``created=False``. Returns one ref per distinct id, in input order.
+        nothing and reports ``created=False``; an item whose datetime changed is replaced, never
+        duplicated. Returns one ref per distinct id, in input order. Items that are invalid (see
+        :func:`prepare_batch`) or that the catalog refuses do not stop the others: they are
+        written, then :class:`ItemsRejectedError` names every refused id and carries the refs of
+        the written ones.
         """
         ...
 
@@ -78,6 +85,82 @@ class CatalogBackend(Protocol):
 
 
 # --- helpers shared by backends -------------------------------------------------------------------
+
+
+def prepare_batch(
+    collection_id: str, items: Iterable[dict[str, Any]]
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Split a batch into the items to write (by id, last duplicate wins, input order) and refusals.
+
+    An item is refused, with the reason by id, when its id is not a safe identifier, it names
+    another collection, or :func:`check_item_shape` finds it unfit for a catalog. (Items built by
+    skyvault were already validated against the STAC schema when built; this check is the cheap
+    one a bulk load of thousands of items can afford.)
+    """
+    batch: dict[str, dict[str, Any]] = {}
+    refused: dict[str, str] = {}
+    for item in items:
+        item_id = str(item.get("id", ""))
+        try:
+            check_id(item_id, "item id")
+            found = item.get("collection")
+            if found not in (None, collection_id):
+                raise CatalogError(f"item {item_id!r} names collection {found!r}, not {collection_id!r}")
+            check_item_shape(item)
+        except (CatalogError, InvalidIdentifierError) as e:
+            batch.pop(item_id, None)
+            refused[item_id] = str(e)
+            continue
+        refused.pop(item_id, None)
+        batch.pop(item_id, None)  # a later duplicate takes the place of the earlier one
+        batch[item_id] = {**item, "collection": collection_id}
+    return batch, refused
+
+
+def check_item_shape(item: dict[str, Any]) -> None:
+    """Raise :class:`CatalogError` naming the item if it lacks what every catalog needs.
+
+    A GeoJSON Feature with a geometry, a bbox of 4 or 6 numbers, properties with a readable
+    ``datetime`` (or ``start_datetime`` and ``end_datetime``), assets and links.
+    """
+    name = f"item {item.get('id')!r}"
+    if item.get("type") != "Feature":
+        raise CatalogError(f"{name} is not a GeoJSON Feature (type {item.get('type')!r})")
+    geometry = item.get("geometry")
+    if (
+        not isinstance(geometry, dict)
+        or not isinstance(geometry.get("type"), str)
+        or ("coordinates" not in geometry and "geometries" not in geometry)
+    ):
+        raise CatalogError(f"{name} has no geometry")
+    bbox = item.get("bbox")
+    if (
+        not isinstance(bbox, list)
+        or len(bbox) not in (4, 6)
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox)
+    ):
+        raise CatalogError(f"{name} has no bbox of 4 or 6 numbers: {bbox!r}")
+    props = item.get("properties")
+    if not isinstance(props, dict):
+        raise CatalogError(f"{name} has no properties")
+    when, start, end = (parse_time(props.get(k)) for k in ("datetime", "start_datetime", "end_datetime"))
+    if when is None and (start is None or end is None):
+        raise CatalogError(
+            f"{name} has no readable datetime, nor both start_datetime and end_datetime "
+            f"(datetime {props.get('datetime')!r})"
+        )
+    if not isinstance(item.get("assets", {}), dict) or not isinstance(item.get("links", []), list):
+        raise CatalogError(f"{name}: assets must be an object and links a list")
+
+
+def item_datetime_key(item: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+    """The item's ``(datetime, start_datetime, end_datetime)`` as normalised UTC strings."""
+    props = item.get("properties", {})
+    out: list[str | None] = []
+    for name in ("datetime", "start_datetime", "end_datetime"):
+        value = parse_time(props.get(name))
+        out.append(iso_time(value) if value is not None else None)
+    return out[0], out[1], out[2]
 
 
 def iso_time(value: dt.datetime) -> str:

@@ -22,6 +22,7 @@ from skyvault.catalog.backend import (
     bboxes_intersect,
     iso_time,
     item_ref,
+    prepare_batch,
     readable_interval,
     union_bbox,
 )
@@ -30,6 +31,7 @@ from skyvault.config.settings import CatalogSettings, StoreSettings
 from skyvault.errors import (
     CatalogError,
     InvalidIdentifierError,
+    ItemsRejectedError,
     ObjectNotFoundError,
     StorageError,
     TransientCatalogError,
@@ -348,30 +350,32 @@ class StaticCatalog:
         return {i for i in item_ids if i in links}
 
     def upsert_items(self, collection: CollectionConfig, items: list[dict[str, Any]]) -> list[ItemRef]:
-        batch: dict[str, dict[str, Any]] = {}
-        for item in items:
-            found = item.get("collection")
-            if found not in (None, collection.id):
-                raise CatalogError(
-                    f"item {item.get('id')!r} names collection {found!r}, not {collection.id!r}"
-                )
-            batch[str(item.get("id", ""))] = item
+        batch, refused = prepare_batch(collection.id, items)
         written: dict[str, tuple[str, dict[str, Any]]] = {}
         for item_id, item in batch.items():
             key, stored = self._stored_item(collection.id, item)
-            validate_item(stored)
+            try:
+                validate_item(stored)
+            except CatalogError as e:
+                refused[item_id] = str(e)
+                continue
             what = f"item {item_id!r} of collection {collection.id!r}"
             data = _dumps(stored, what)
             if self._read_bytes(key, what) != data:
                 self._write(key, data, what, content_type=GEOJSON_TYPE)
             written[item_id] = (key, stored)
-        links = {i: self._item_link(stored) for i, (_, stored) in written.items()}
-        previous = self._update_collection(collection.id, collection, links) or set()
-        self._ensure_root_link(collection)
-        return [
-            item_ref(stored, self.store.url(key), created=i not in previous)
-            for i, (key, stored) in written.items()
-        ]
+        refs: list[ItemRef] = []
+        if written or not refused:
+            links = {i: self._item_link(stored) for i, (_, stored) in written.items()}
+            previous = self._update_collection(collection.id, collection, links) or set()
+            self._ensure_root_link(collection)
+            refs = [
+                item_ref(stored, self.store.url(key), created=i not in previous)
+                for i, (key, stored) in written.items()
+            ]
+        if refused:
+            raise ItemsRejectedError(collection.id, refused, refs)
+        return refs
 
     def delete_item(self, collection_id: str, item_id: str) -> bool:
         key = self.item_key(collection_id, item_id)
