@@ -6,7 +6,8 @@
 #
 # Build arguments:
 #   BASE_IMAGE    an image with Python 3.11 and its venv module (Debian bookworm's python3 or
-#                 python:3.11-slim-bookworm)
+#                 python:3.11-slim-bookworm); PostgreSQL's client tools (pg_dump, pg_restore, psql,
+#                 for the catalog backup and restore flows) are installed with apt when it lacks them
 #   PIP_OPTIONS   where wheels come from: the public index by default; scripts/build-runtime-image.sh
 #                 passes "--no-index --find-links <folder served on 127.0.0.1>" to build offline
 #   UV_VERSION    the uv that turns uv.lock into a hashed requirements file (build stage only)
@@ -33,6 +34,9 @@ RUN /opt/build/bin/pip wheel ${PIP_OPTIONS} --no-deps --wheel-dir /dist /src \
  && /opt/skyvault/venv/bin/pip install --no-index --no-deps /dist/skyvault-*.whl
 
 FROM ${BASE_IMAGE} AS runtime
+RUN command -v pg_dump >/dev/null \
+ || (apt-get update && apt-get install -y --no-install-recommends postgresql-client \
+     && rm -rf /var/lib/apt/lists/*)
 RUN groupadd --system --gid 10001 skyvault \
  && useradd --system --uid 10001 --gid skyvault --home-dir /opt/skyvault --shell /usr/sbin/nologin skyvault \
  && mkdir -p /opt/skyvault /scratch \
@@ -46,5 +50,6 @@ LABEL org.opencontainers.image.title="skyvault runtime" \
       org.opencontainers.image.description="skyvault flow runs: locked environment, project baked in"
 WORKDIR /opt/skyvault
 USER skyvault
-RUN python -c "import skyvault.flows.ingest, skyvault.flows.jobs, rasterio; print(rasterio.__gdal_version__)"
+RUN python -c "import skyvault.flows.ingest, skyvault.flows.jobs, rasterio; print(rasterio.__gdal_version__)" \
+ && pg_dump --version
 CMD ["python", "-m", "prefect", "version"]

@@ -236,6 +236,18 @@ def create_database(port: int, name: str) -> str:
     return f"postgresql://postgres@127.0.0.1:{port}/{name}"
 
 
+def copy_database(port: int, template: str, name: str) -> str:
+    """A fresh database copied from ``template`` (pgstac and the collection, no item)."""
+    subprocess.run(
+        _as_postgres_user(
+            [str(_postgres_bin() / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-T", template, name]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    return f"postgresql://postgres@127.0.0.1:{port}/{name}"
+
+
 @contextlib.contextmanager
 def postgres(root: Path) -> Iterator[str]:
     """A private PostgreSQL cluster under ``root`` on 127.0.0.1; yields a SQLAlchemy URL for Prefect."""

@@ -2,7 +2,7 @@
 # Builds skyvault's runtime image (runtime.Dockerfile) on a machine that reaches no image registry
 # and, from inside a build, no package index:
 #
-#   1. the base image (SKYVAULT_BASE_IMAGE, default skyvault/base:bookworm) is made from Debian
+#   1. the base image (SKYVAULT_BASE_IMAGE, default skyvault/base:bookworm-pg) is made from Debian
 #      packages with debootstrap and `docker import` when the engine does not have it yet;
 #   2. the locked wheels (uv.lock, plus uv and the build backend) are downloaded on this machine
 #      into <cache>/wheels/<lock hash>/ once;
@@ -23,7 +23,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 image=${SKYVAULT_IMAGE:-skyvault/runtime:dev}
-base=${SKYVAULT_BASE_IMAGE:-skyvault/base:bookworm}
+base=${SKYVAULT_BASE_IMAGE:-skyvault/base:bookworm-pg}
 cache=${SKYVAULT_CACHE_DIR:-$repo/skyvault-data/cache}
 python=${PYTHON:-python3}
 venv_python=${VENV_PYTHON:-$repo/.venv/bin/python}
@@ -52,7 +52,7 @@ if ! docker image inspect "$base" >/dev/null 2>&1; then
   trap 'rm -rf "$rootfs"' EXIT
   mirror=$(debian_mirror)
   log "making $base from Debian bookworm ($mirror); takes a few minutes"
-  debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+  debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,postgresql-client \
     bookworm "$rootfs" "$mirror" >"$cache/debootstrap.log" 2>&1 \
     || die "debootstrap failed; see $cache/debootstrap.log"
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*

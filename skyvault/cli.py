@@ -6,6 +6,8 @@ Examples::
     skyvault seed s2-l2a --start 2026-06-01 --end 2026-06-30 --min-zoom 0 --max-zoom 8
     skyvault archive ds-0042 --source-dir /data/incoming/ds-0042
     skyvault retrieve ds-0042
+    skyvault register --collection s2-l2a
+    skyvault backup-catalog
 
 With ``PREFECT_API_URL`` set, the run goes to that Prefect server; otherwise each call starts a
 temporary local server for the run (about 20 s). Either way the command says which on stderr, and
@@ -25,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from skyvault.errors import IngestFailedError, SkyvaultError
+from skyvault.errors import RunFailedError, SkyvaultError
 
 TEMPORARY_SERVER = "a temporary local Prefect server (set PREFECT_API_URL to use yours)"
 
@@ -70,13 +72,42 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("retrieve", help="retrieve an archived dataset and print its download links")
     p.add_argument("dataset_id")
+
+    p = sub.add_parser("register", help="write the items of COGs to the catalog in bulk (rebuild or move it)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--collection")
+    which.add_argument(
+        "--all", dest="all_collections", action="store_true", help="every configured collection"
+    )
+    p.add_argument("--product", dest="product_ids", action="append", help="only this product (repeatable)")
+
+    sub.add_parser("backup-catalog", help="dump the pgstac catalog database to the object store")
+
+    p = sub.add_parser("restore-catalog", help="restore a catalog dump into a fresh database and check it")
+    p.add_argument("target_dsn", help="the empty database to restore into, postgresql://user@host:port/db")
+    p.add_argument(
+        "--dump", dest="dump_key", help="object key of the dump (default: the newest complete one)"
+    )
     return parser
+
+
+#: Command → (module under skyvault.flows, flow function).
+FLOWS: dict[str, tuple[str, str]] = {
+    "ingest": ("ingest", "ingest"),
+    "seed": ("seed", "seed"),
+    "archive": ("archive", "archive"),
+    "retrieve": ("retrieve", "retrieve"),
+    "register": ("register", "register"),
+    "backup-catalog": ("backup", "backup_catalog"),
+    "restore-catalog": ("backup", "restore_catalog"),
+}
 
 
 def _flow(name: str) -> Callable[..., Any]:
     """The flow a command runs, importing only its module (seeding and ingest need GDAL, archive not)."""
-    module = importlib.import_module(f"skyvault.flows.{name}")
-    fn: Callable[..., Any] = getattr(module, name)
+    module_name, function = FLOWS[name]
+    module = importlib.import_module(f"skyvault.flows.{module_name}")
+    fn: Callable[..., Any] = getattr(module, function)
     return fn
 
 
@@ -120,9 +151,9 @@ def _run(name: str, args: dict[str, Any]) -> int:
             return 2
         state = _flow(name)(**args, return_state=True)
     result = state.result(raise_on_failure=False)
-    if isinstance(result, IngestFailedError):
+    if isinstance(result, RunFailedError):
         print(f"{name} failed: {result}", file=sys.stderr)
-        result = result.summary  # every product's outcome, as when only some failed
+        result = result.summary  # every part's outcome, as when only some failed
     if isinstance(result, BaseModel):
         print(json.dumps(result.model_dump(mode="json"), indent=2))
     elif isinstance(result, BaseException):

@@ -164,7 +164,11 @@ class TransientDataCatalogError(DataCatalogError, TransientError):
     """The data catalog could not be reached or answered 502/503/504."""
 
 
-class InvalidSeedRequestError(SkyvaultError):
+class InvalidRequestError(SkyvaultError):
+    """A run was asked for something inconsistent (its parameters contradict each other)."""
+
+
+class InvalidSeedRequestError(InvalidRequestError):
     """A seed request is inconsistent: another collection, an empty zoom range, a bad chunk size."""
 
 
@@ -176,13 +180,21 @@ class BackupError(CatalogError):
     """Dumping or restoring the catalog database failed; names the dump or the database."""
 
 
-class IngestFailedError(SkyvaultError):
-    """No product of an ingest run succeeded; ``summary`` (an ``IngestSummary``) names each one.
+class RunFailedError(SkyvaultError):
+    """Nothing a run was asked to do succeeded; ``summary`` names each part and why it failed.
 
-    The ingest flow fails with it, so a caller that raises on failure gets the reason and one that
-    does not still finds every product's outcome in ``summary``.
+    A flow fails with it, so a caller that raises on failure gets the reason and one that does
+    not still finds every outcome in ``summary``.
     """
 
     def __init__(self, message: str, summary: Any = None) -> None:
         super().__init__(message)
         self.summary = summary
+
+
+class IngestFailedError(RunFailedError):
+    """No product of an ingest run succeeded; ``summary`` is its ``IngestSummary``."""
+
+
+class RegisterFailedError(RunFailedError):
+    """No item of a bulk registration was written; ``summary`` is its ``RegisterReport``."""

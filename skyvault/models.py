@@ -56,6 +56,60 @@ class CogInfo(_Record):
     created: bool
 
 
+class CogRecord(_Record):
+    """What a COG was made from, stored next to it (``cogs/<collection>/<product-id>.json``).
+
+    Bulk registration rebuilds a collection's items from these records and the COGs alone.
+    """
+
+    product: Product
+    cog: CogInfo
+
+
+class RegisterSummary(_Record):
+    """What a bulk registration did for one collection; ``failed`` maps product id to reason."""
+
+    collection: str
+    found: int
+    registered: int
+    created: int
+    failed: dict[str, str] = Field(default_factory=dict)
+
+    def headline(self) -> str:
+        """One line: collection, found / registered (new) / failed."""
+        return (
+            f"{self.collection}: {self.found} found, {self.registered} registered "
+            f"({self.created} new), {len(self.failed)} failed"
+        )
+
+
+class RegisterReport(_Record):
+    """What a bulk registration run did, one summary per collection."""
+
+    summaries: tuple[RegisterSummary, ...]
+    registered: int
+    created: int
+    failed: int
+
+    @classmethod
+    def from_summaries(cls, summaries: list[RegisterSummary]) -> RegisterReport:
+        """Totals over the collections' summaries."""
+        return cls(
+            summaries=tuple(summaries),
+            registered=sum(s.registered for s in summaries),
+            created=sum(s.created for s in summaries),
+            failed=sum(len(s.failed) for s in summaries),
+        )
+
+    def headline(self) -> str:
+        """One line: items registered (new) / failed, over how many collections."""
+        noun = "collection" if len(self.summaries) == 1 else "collections"
+        return (
+            f"{self.registered} items registered ({self.created} new), {self.failed} failed, "
+            f"in {len(self.summaries)} {noun}"
+        )
+
+
 class ItemRef(_Record):
     """An item written to (or found in) the catalog."""
 

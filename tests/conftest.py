@@ -252,25 +252,9 @@ class PgstacServer:
 
     def new_database(self, name: str) -> str:
         """A fresh pgstac database copied from the template; returns its DSN."""
-        from bench.common import _as_postgres_user, _postgres_bin
+        from bench.common import copy_database
 
-        subprocess.run(
-            _as_postgres_user(
-                [
-                    str(_postgres_bin() / "createdb"),
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(self.port),
-                    "-T",
-                    self.template,
-                    name,
-                ]
-            ),
-            check=True,
-            capture_output=True,
-        )
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+        return copy_database(self.port, self.template, name)
 
 
 @dataclass(frozen=True)
@@ -311,3 +295,12 @@ def stac_api(pgstac_server: PgstacServer, tmp_path_factory: pytest.TempPathFacto
     dsn = pgstac_server.new_database("stac_api")
     with start_stac_api(dsn, tmp_path_factory.mktemp("stac-api") / "api.log") as url:
         yield StacApi(url=url, dsn=dsn)
+
+
+@pytest.fixture
+def own_stac_api(pgstac_dsn: str, tmp_path: Path) -> Iterator[StacApi]:
+    """stac-fastapi-pgstac (transactions enabled) on a fresh pgstac database of this test alone."""
+    from bench.common import stac_api as start_stac_api
+
+    with start_stac_api(pgstac_dsn, tmp_path / "stac-api.log") as url:
+        yield StacApi(url=url, dsn=pgstac_dsn)

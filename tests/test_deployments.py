@@ -32,9 +32,11 @@ from prefect.cli.deploy._models import (
     WorkPoolConfig,
 )
 from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
+from prefect.client.schemas.actions import DeploymentScheduleCreate
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy
-from prefect.client.schemas.schedules import RRuleSchedule
+from prefect.client.schemas.schedules import CronSchedule, RRuleSchedule
 from prefect.deployments.steps.core import RESERVED_KEYWORDS
+from prefect.server.schemas.schedules import CronSchedule as ServerCronSchedule
 from prefect.server.schemas.schedules import RRuleSchedule as ServerRRuleSchedule
 from prefect.utilities.templating import apply_values
 from pydantic import BaseModel
@@ -52,6 +54,9 @@ EXPECTED = {
     ("retrieve", "on-request"): "skyvault-retrieval",
     ("archive-job", "data-catalog"): "skyvault-archival",
     ("retrieve-job", "data-catalog"): "skyvault-retrieval",
+    ("register", "on-request"): "skyvault-ingest",
+    ("backup-catalog", "nightly"): "skyvault-ingest",
+    ("restore-catalog", "on-request"): "skyvault-ingest",
 }
 
 #: The environment variable that sets the landing-zone poll interval when deploying.
@@ -183,6 +188,9 @@ def test_every_flow_is_deployed_to_its_pool() -> None:
         "retrieve",
         "archive-job",
         "retrieve-job",
+        "register",
+        "backup-catalog",
+        "restore-catalog",
     }
 
 
@@ -213,14 +221,15 @@ def test_no_block_or_variable_is_resolved_at_deploy_time() -> None:
     assert "prefect.variables." not in text
 
 
-def test_only_the_scheduled_ingest_is_limited_to_one_run_at_a_time() -> None:
+def test_only_the_scheduled_flows_are_limited_to_one_run_at_a_time() -> None:
     limits = {
         (d["entrypoint"], d["name"]): d["concurrency_limit"]
         for d in load()["deployments"]
         if "concurrency_limit" in d
     }
     assert limits == {
-        ("skyvault.flows.ingest:ingest", "landing-zone"): {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+        ("skyvault.flows.ingest:ingest", "landing-zone"): {"limit": 1, "collision_strategy": "CANCEL_NEW"},
+        ("skyvault.flows.backup:backup_catalog", "nightly"): {"limit": 1, "collision_strategy": "CANCEL_NEW"},
     }
     for spec in limits.values():
         parsed = ConcurrencyLimitSpec.model_validate(spec)
@@ -232,12 +241,16 @@ async def _awaited(value: Any) -> Any:
     return await value
 
 
-def _landing_zone_schedule(monkeypatch: pytest.MonkeyPatch, minutes: str | None) -> RRuleSchedule:
-    """Run the file's build steps and template its schedule as ``prefect deploy`` does."""
-    if minutes is None:
-        monkeypatch.delenv(INTERVAL_VARIABLE, raising=False)
-    else:
-        monkeypatch.setenv(INTERVAL_VARIABLE, minutes)
+def _templated_schedule(monkeypatch: pytest.MonkeyPatch, deployment_name: str, **env: str | None) -> Any:
+    """Run the file's build steps and template a deployment's schedule as ``prefect deploy`` does.
+
+    Returns the schedule and whether it is created active.
+    """
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     data = load()
     outputs: dict[str, Any] = {}
     for step in data["build"]:  # as run_steps does, without resolving blocks (that needs a server)
@@ -251,13 +264,44 @@ def _landing_zone_schedule(monkeypatch: pytest.MonkeyPatch, minutes: str | None)
         if step_id:
             outputs[step_id] = output
         outputs.update(output)
-    (deployment,) = [d for d in data["deployments"] if d["name"] == "landing-zone"]
+    (deployment,) = [d for d in data["deployments"] if d["name"] == deployment_name]
     raw = DeploymentConfig.model_validate(deployment).model_dump(exclude_unset=True, mode="json")
     (schedule_config,) = apply_values(raw["schedules"], outputs)
-    created = _schedule_config_to_deployment_schedule(schedule_config)
-    schedule = created["schedule"]
+    created = DeploymentScheduleCreate(**_schedule_config_to_deployment_schedule(schedule_config))
+    return created.schedule, created.active
+
+
+def _landing_zone_schedule(monkeypatch: pytest.MonkeyPatch, minutes: str | None) -> RRuleSchedule:
+    schedule, _ = _templated_schedule(monkeypatch, "landing-zone", **{INTERVAL_VARIABLE: minutes})
     assert isinstance(schedule, RRuleSchedule)
     return schedule
+
+
+@pytest.mark.parametrize(
+    ("backend", "cron", "active", "hour"),
+    [
+        ("pgstac", None, True, 2),
+        ("pgstac", "0 4 * * *", True, 4),
+        ("static", None, False, 2),
+        (None, None, False, 2),
+    ],
+)
+def test_the_catalog_backup_runs_nightly_when_the_catalog_is_pgstac(
+    monkeypatch: pytest.MonkeyPatch, backend: str | None, cron: str | None, active: bool, hour: int
+) -> None:
+    schedule, is_active = _templated_schedule(
+        monkeypatch,
+        "nightly",
+        SKYVAULT_CATALOG__BACKEND=backend,
+        SKYVAULT_CATALOG_BACKUP_CRON=cron,
+    )
+    assert isinstance(schedule, CronSchedule)
+    assert is_active is active
+    server_schedule = ServerCronSchedule(cron=schedule.cron, timezone=schedule.timezone)
+    start = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
+    dates = asyncio.run(server_schedule.get_dates(3, start=start))
+    assert [d.astimezone(dt.UTC).hour for d in dates] == [hour] * 3
+    assert {(b - a).total_seconds() for a, b in itertools.pairwise(dates)} == {86400}
 
 
 @pytest.mark.parametrize(("minutes", "expected"), [(None, 15), ("5", 5), ("60", 60)])

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from skyvault.catalog.backend import CatalogBackend
 from skyvault.catalog.static import StaticCatalog
+from skyvault.cog.convert import cog_record_key, read_cog_record
 from skyvault.config.collections import CollectionConfig
 from skyvault.config.settings import CatalogSettings, StoreSettings
 from skyvault.errors import (
+    CatalogError,
     ConfigError,
+    InvalidIdentifierError,
+    ItemsRejectedError,
+    ProductError,
 )
-from skyvault.models import CogInfo, ItemRef, Product
+from skyvault.models import CogInfo, ItemRef, Product, RegisterSummary
 from skyvault.stac.item import build_item, validate_item
 
 
@@ -58,6 +64,67 @@ def register_product(
     item = build_item(product, cog, collection, store)
     validate_item(item)
     return open_catalog(catalog, store).upsert_items(collection, [item])[0]
+
+
+def register_cogs(
+    collection: CollectionConfig,
+    product_ids: Sequence[str],
+    catalog: CatalogSettings,
+    store: StoreSettings,
+) -> RegisterSummary:
+    """Build the items of the given products' COGs in parallel and upsert them in batches.
+
+    Items are built from each COG and its record (:func:`skyvault.cog.convert.read_cog_record`),
+    ``catalog.build_workers`` at a time, validated offline, and written ``catalog.batch_size``
+    per catalog call. A product without a COG record, whose COG cannot be described, or whose
+    item the catalog refuses fails alone, named in ``failed``; the others are registered.
+
+    Raises:
+        CatalogError: a whole batch could not be written (TransientCatalogError when a retry may
+            help); the batches before it stay written, and a re-run writes them again unchanged.
+        StorageError: the store cannot be read.
+
+    """
+    failed: dict[str, str] = {}
+    registered = created = 0
+    backend = open_catalog(catalog, store)
+
+    def build(product_id: str) -> dict[str, Any] | None:
+        try:
+            record = read_cog_record(collection.id, product_id, store)
+            if record is None:
+                failed[product_id] = (
+                    f"product {product_id!r} of collection {collection.id!r} has no COG record "
+                    f"({cog_record_key(collection.id, product_id)}); ingest it to make one"
+                )
+                return None
+            item = build_item(record.product, record.cog, collection, store)
+            validate_item(item)
+            return item
+        except (ProductError, CatalogError, InvalidIdentifierError) as e:
+            failed[product_id] = str(e)
+            return None
+
+    with ThreadPoolExecutor(max_workers=catalog.build_workers, thread_name_prefix="build-item") as pool:
+        for start in range(0, len(product_ids), catalog.batch_size):
+            chunk = product_ids[start : start + catalog.batch_size]
+            items = [item for item in pool.map(build, chunk) if item is not None]
+            if not items:
+                continue
+            try:
+                refs = backend.upsert_items(collection, items)
+            except ItemsRejectedError as e:
+                failed.update(e.errors)
+                refs = e.written
+            registered += len(refs)
+            created += sum(1 for ref in refs if ref.created)
+    return RegisterSummary(
+        collection=collection.id,
+        found=len(product_ids),
+        registered=registered,
+        created=created,
+        failed=dict(sorted(failed.items())),
+    )
 
 
 def has_item(collection_id: str, item_id: str, catalog: CatalogSettings, store: StoreSettings) -> bool:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import secrets
 import struct
@@ -58,14 +59,17 @@ from skyvault.config.settings import LimitSettings, StoreSettings
 from skyvault.errors import (
     CogValidationError,
     ConfigError,
+    ObjectNotFoundError,
     RasterError,
     RasterLimitError,
     StorageError,
     TransientStorageError,
 )
 from skyvault.ids import check_id
-from skyvault.models import CogInfo, ObjectInfo, Product
+from skyvault.models import CogInfo, CogRecord, ObjectInfo, Product
 from skyvault.storage.store import ObjectStore, open_store
+
+logger = logging.getLogger(__name__)
 
 #: GDAL metadata item holding the sha256 of the source a COG was made from.
 SOURCE_SHA256_TAG = "SKYVAULT_SOURCE_SHA256"
@@ -81,6 +85,53 @@ _GDAL_ERRORS = (RasterioError, CPLE_BaseError)
 def cog_key(collection_id: str, product_id: str) -> str:
     """Object key of a product's COG: ``cogs/<collection>/<product-id>.tif``."""
     return f"cogs/{check_id(collection_id, 'collection id')}/{check_id(product_id, 'product id')}.tif"
+
+
+def cog_record_key(collection_id: str, product_id: str) -> str:
+    """Object key of a COG's record: ``cogs/<collection>/<product-id>.json``."""
+    return cog_key(collection_id, product_id)[: -len(".tif")] + ".json"
+
+
+def write_cog_record(product: Product, cog: CogInfo, objects: ObjectStore) -> None:
+    """Store what ``cog`` was made from next to it, unless the same record is there already."""
+    record = CogRecord(product=product, cog=cog.model_copy(update={"created": False}))
+    data = record.model_dump_json(indent=2).encode()
+    key = cog_record_key(cog.collection, cog.product_id)
+    try:
+        if objects.head(key) is not None and objects.get_bytes(key) == data:
+            return
+    except ObjectNotFoundError:
+        pass
+    objects.put_bytes(key, data, content_type="application/json")
+
+
+def read_cog_record(collection_id: str, product_id: str, store: StoreSettings) -> CogRecord | None:
+    """The record of a product's COG, or None when there is none (or it is unreadable).
+
+    Raises:
+        StorageError: the store cannot be read.
+
+    """
+    key = cog_record_key(collection_id, product_id)
+    try:
+        data = open_store(store).get_bytes(key)
+    except ObjectNotFoundError:
+        return None
+    try:
+        return CogRecord.model_validate_json(data)
+    except ValueError:
+        logger.warning("COG record %s is unreadable; the product must be ingested again", key)
+        return None
+
+
+def list_cogs(collection_id: str, store: StoreSettings) -> list[str]:
+    """Ids of the products of a collection that have a COG, sorted."""
+    prefix = f"cogs/{check_id(collection_id, 'collection id')}/"
+    return sorted(
+        info.key[len(prefix) : -len(".tif")]
+        for info in open_store(store).list(prefix)
+        if info.key.endswith(".tif") and "/" not in info.key[len(prefix) :]
+    )
 
 
 def preprocess_product(
@@ -151,7 +202,7 @@ def preprocess_product(
                 objects.put_file(key, cog_path, content_type=COG_MEDIA_TYPE)
                 sha256, size = cog_hash.result()
             created = True
-    return CogInfo(
+    info = CogInfo(
         collection=collection.id,
         product_id=product.id,
         key=key,
@@ -160,6 +211,8 @@ def preprocess_product(
         source_sha256=source_sha256,
         created=created,
     )
+    write_cog_record(product, info, objects)
+    return info
 
 
 def _same_source_cog(

@@ -58,6 +58,7 @@ from skyvault.config.settings import (
     secret_block_name,
     secret_file_env,
     secret_setting_paths,
+    tag_limits,
 )
 from skyvault.errors import ConfigError
 
@@ -287,7 +288,7 @@ def load_environment(env: str, config_dir: Path, environ: Mapping[str, str]) -> 
         secrets=secrets,
         aws_credentials=credentials,
         s3_buckets=buckets,
-        tag_limits=dict(settings.concurrency.tag_limits),
+        tag_limits=tag_limits(settings),
         work_pools=pools,
         crash_detection=crash,
         overrides=overrides,

@@ -44,7 +44,7 @@ from skyvault.config.environment import (
     SecretValue,
     WorkPoolConfig,
 )
-from skyvault.config.settings import Settings
+from skyvault.config.settings import Settings, tag_limits
 from skyvault.errors import SkyvaultError
 
 if TYPE_CHECKING:
@@ -60,11 +60,6 @@ class ProvisioningError(SkyvaultError):
 def limit_name(tag: str) -> str:
     """The name of the global concurrency limit Prefect applies to task runs tagged ``tag``."""
     return f"tag:{tag}"
-
-
-def tag_limits(settings: Settings) -> dict[str, int]:
-    """Every tag concurrency limit skyvault needs, by tag."""
-    return dict(settings.concurrency.tag_limits)
 
 
 # --- plans ----------------------------------------------------------------------------------------

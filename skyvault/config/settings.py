@@ -544,3 +544,21 @@ def get_settings() -> Settings:
         raise
     except Exception as e:  # pydantic ValidationError and friends
         raise ConfigError(f"invalid skyvault settings: {e}") from e
+
+
+def collection_write_tag(collection_id: str) -> str:
+    """The tag of bulk catalog writes into one collection (``catalog-write-<collection>``)."""
+    return f"catalog-write-{collection_id}"
+
+
+def tag_limits(settings: Settings) -> dict[str, int]:
+    """Every tag concurrency limit skyvault needs, by tag.
+
+    :func:`collection_write_tag` is limited to 1 for each configured collection: bulk loads of
+    one collection take turns across runs (on pgstac, concurrent loads into one partition
+    deadlock). A configured limit for such a tag wins.
+    """
+    limits = dict(settings.concurrency.tag_limits)
+    for collection_id in settings.collections:
+        limits.setdefault(collection_write_tag(collection_id), 1)
+    return limits

@@ -10,7 +10,7 @@ from prefect import task
 from skyvault.catalog import registration
 from skyvault.config.collections import CollectionConfig
 from skyvault.config.settings import CatalogSettings, StoreSettings
-from skyvault.models import CogInfo, ItemRef, Product
+from skyvault.models import CogInfo, ItemRef, Product, RegisterSummary
 from skyvault.tasks.policy import TASK_POLICY
 
 
@@ -24,6 +24,21 @@ def register_product(
 ) -> ItemRef:
     """Task: :func:`skyvault.catalog.registration.register_product`."""
     return registration.register_product(product, cog, collection, catalog, store)
+
+
+@task(name="register-cogs", tags=["catalog-write"], **TASK_POLICY)
+def register_cogs(
+    collection: CollectionConfig,
+    product_ids: list[str],
+    catalog: CatalogSettings,
+    store: StoreSettings,
+) -> RegisterSummary:
+    """Task: :func:`skyvault.catalog.registration.register_cogs`.
+
+    The register flow adds the tag ``catalog-write-<collection>`` (limit 1 on pgstac), so two
+    bulk loads of one collection never run at once.
+    """
+    return registration.register_cogs(collection, product_ids, catalog, store)
 
 
 @task(name="find-existing-items", **TASK_POLICY)

@@ -25,3 +25,9 @@ def preprocess_product(
 ) -> CogInfo:
     """Task: :func:`skyvault.cog.convert.preprocess_product`."""
     return convert.preprocess_product(product, collection, store, scratch_dir, replace=replace, limits=limits)
+
+
+@task(name="list-cogs", **TASK_POLICY)
+def list_cogs(collection_id: str, store: StoreSettings) -> list[str]:
+    """Task: :func:`skyvault.cog.convert.list_cogs`."""
+    return convert.list_cogs(collection_id, store)

@@ -12,6 +12,7 @@ import yaml
 from skyvault.config.environment import HEARTBEAT_ENV, Environment, load_environment
 from skyvault.config.settings import (
     Settings,
+    collection_write_tag,
     get_settings,
     read_secret_file,
     secret_block_name,
@@ -88,7 +89,9 @@ def test_shipped_environments_load(env: str, tmp_path: Path) -> None:
     }
     # the configured tag limits sit over the defaults: every default tag still has a limit
     assert set(loaded.tag_limits) >= {"lts-read", "lts-write", "object-store-read", "catalog-write"}
-    assert loaded.tag_limits == loaded.variables["skyvault_concurrency"]["tag_limits"]
+    # and every collection's bulk catalog writes take turns
+    writes = {collection_write_tag(c): 1 for c in loaded.settings.collections}
+    assert loaded.tag_limits == {**loaded.variables["skyvault_concurrency"]["tag_limits"], **writes}
 
 
 def test_dev_file_merges_its_tag_limits_over_the_defaults(tmp_path: Path) -> None:
@@ -292,6 +295,8 @@ def test_secret_paths_cover_every_secret_setting() -> None:
         ("store", "secret_access_key"),
         ("data_catalog", "password"),
         ("data_catalog", "token"),
+        ("catalog", "password"),
+        ("catalog", "token"),
     }
 
 

@@ -29,16 +29,22 @@ from prefect.exceptions import ObjectNotFound
 import skyvault.flows
 import skyvault.tasks
 from skyvault.config.environment import CRASH_AUTOMATION, HEARTBEAT_ENV, load_environment
-from skyvault.config.provision import HEARTBEAT_EVENT, limit_name, provision_tag_limits, tag_limits
+from skyvault.config.provision import HEARTBEAT_EVENT, limit_name, provision_tag_limits
 from skyvault.config.provision_cli import main, provision
-from skyvault.config.settings import DEFAULT_TAG_LIMITS, ConcurrencySettings, Settings
+from skyvault.config.settings import (
+    DEFAULT_TAG_LIMITS,
+    ConcurrencySettings,
+    Settings,
+    collection_write_tag,
+    tag_limits,
+)
 from tests.config.test_environment import CONFIG_DIR, POOLS, SECRET_VALUES, secret_files
 
 PACKAGE = Path(skyvault.tasks.__file__).parent.parent
 ORCHESTRATION = (PACKAGE / "tasks", PACKAGE / "flows")
 
 #: Functions that build a tag from a collection id, as the code may call them inside ``tags=``.
-TAG_BUILDERS: dict[str, Any] = {}
+TAG_BUILDERS: dict[str, Any] = {"collection_write_tag": collection_write_tag}
 
 
 def sample_settings() -> Settings:
@@ -708,7 +714,7 @@ def test_a_flow_run_reads_secrets_from_blocks_and_the_rest_from_variables(job_en
         "bucket": "skyvault-dev",
         "endpoint": "http://127.0.0.1:9000",
         "lts": "/mnt/lts",
-        "tag_limits": load_environment("dev", CONFIG_DIR, job_env).tag_limits,
+        "tag_limits": load_environment("dev", CONFIG_DIR, job_env).settings.concurrency.tag_limits,
         "key_id": "AKIDEV0000",
         "secret": "s3cr3t/with+symbols",
         "password": "catalog pass",

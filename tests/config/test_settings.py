@@ -6,8 +6,7 @@ import pytest
 import yaml
 
 from skyvault.config.collections import CogProfile, CollectionConfig
-from skyvault.config.provision import tag_limits
-from skyvault.config.settings import Settings, get_settings
+from skyvault.config.settings import Settings, get_settings, tag_limits
 from skyvault.errors import ConfigError, InvalidIdentifierError, UnknownCollectionError
 
 
@@ -126,3 +125,28 @@ def test_prefect_variables_sit_below_the_environment(monkeypatch: pytest.MonkeyP
     finally:
         Variable.unset("skyvault_store")
         Variable.unset("skyvault_scratch_dir")
+
+
+@pytest.mark.parametrize(
+    ("backend", "needs"), [("stac-api", "SKYVAULT_CATALOG__URL"), ("pgstac", "SKYVAULT_CATALOG__DSN")]
+)
+def test_a_catalog_backend_without_its_address_is_refused_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, backend: str, needs: str
+) -> None:
+    monkeypatch.setenv("SKYVAULT_CATALOG__BACKEND", backend)
+    with pytest.raises(ConfigError, match=needs):
+        get_settings()
+
+
+def test_the_catalog_password_comes_from_its_secret_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "pgstac-password"
+    secret.write_text("p@ss word\n", encoding="utf-8")
+    monkeypatch.setenv("SKYVAULT_CATALOG__BACKEND", "pgstac")
+    monkeypatch.setenv("SKYVAULT_CATALOG__DSN", "postgresql://pgstac_ingest@127.0.0.1:5432/catalog")
+    monkeypatch.setenv("SKYVAULT_CATALOG__PASSWORD_FILE", str(secret))
+    catalog = get_settings().catalog
+    assert catalog.password is not None
+    assert catalog.password.get_secret_value() == "p@ss word"
+    assert "p@ss" not in repr(catalog)

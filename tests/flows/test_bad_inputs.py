@@ -148,6 +148,9 @@ def test_each_bad_input_fails_alone(configure: Callable[..., Settings], tmp_path
     after = landing_snapshot(store, s.store.root)
     assert after == before
     assert outside.read_bytes() == outside_before
-    assert [o.key for o in store.list("cogs/demo-scenes/")] == ["cogs/demo-scenes/GOOD_1.tif"]
+    assert [o.key for o in store.list("cogs/demo-scenes/")] == [
+        "cogs/demo-scenes/GOOD_1.json",  # the COG's record: what it was made from
+        "cogs/demo-scenes/GOOD_1.tif",
+    ]
     ids = [i["id"] for i in open_catalog(s.catalog, s.store).search("demo-scenes")]
     assert ids == ["GOOD_1"]
