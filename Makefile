@@ -44,6 +44,7 @@ bench: setup ## compare against the reference tools; tables go to bench/out/ for
 	$(RUN) python -m bench.archive --database postgres
 	$(RUN) python -m bench.ingest --database sqlite
 	$(RUN) python -m bench.ingest --database postgres
+	$(RUN) python -m bench.register
 
 clean:
 	rm -rf skyvault-data .pytest_cache .mypy_cache .ruff_cache

@@ -10,9 +10,11 @@ stac-fastapi-pgstac with transactions on 127.0.0.1, then in every repetition, in
 
 * ``pypgstac load``: ``pypgstac load items FILE --dsn DSN --method upsert`` (pgstac's own loader);
 * ``skyvault pgstac``: the same ndjson read in a fresh process and written with skyvault's pgstac
-  backend, ``upsert_items`` per ``--batch-size`` items (what ``skyvault register`` calls per
-  batch): one transaction per batch, with the collection lock, the datetime check, the extent
-  update and the read-back verification;
+  backend, ``upsert_items`` per ``--batch-size`` items (default: the ``catalog.batch_size`` setting;
+  what ``skyvault register`` calls per batch): one transaction per batch, with the collection
+  lock, the datetime check, the extent update and the read-back verification;
+* ``pypgstac Loader``: pypgstac's ``Loader.load_items`` (upsert) on all items in one call, in a
+  fresh process: the in-process counterpart of ``pypgstac load``, for the in-process column;
 * ``POST per item``: the first ``--api-items`` items, one ``POST /collections/{c}/items`` each
   (httpx, one kept-alive connection), the way a client without bulk support registers;
 * ``skyvault stac-api``: the same items through skyvault's stac-api backend, ``upsert_items`` per
@@ -35,6 +37,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -112,6 +115,7 @@ def collection_doc(collection: str) -> dict[str, Any]:
         "title": "Benchmark scenes",
         "description": "Generated items for the registration benchmark",
         "license": "CC0-1.0",
+        "partition_trunc": "month",  # as skyvault creates its collections: one partition per month
         "links": [],
         "extent": {
             "spatial": {"bbox": [[-180.0, -90.0, 180.0, 90.0]]},
@@ -121,10 +125,13 @@ def collection_doc(collection: str) -> dict[str, Any]:
 
 
 def read_ndjson(path: str, collection: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """The items of an ndjson file, parsed with orjson as ``pypgstac load`` parses them."""
+    import orjson
+
     items = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for line in f:
-            item = json.loads(line)
+            item = orjson.loads(line)
             item["collection"] = collection
             items.append(item)
             if limit is not None and len(items) >= limit:
@@ -137,23 +144,39 @@ def read_ndjson(path: str, collection: str, limit: int | None = None) -> list[di
 
 def child_skyvault(backend: str, target: str, collection: str, path: str, count: str, batch: str) -> None:
     """skyvault's backend writing the items in batches; prints the wall time of the calls."""
-    from skyvault.catalog.registration import open_catalog
     from skyvault.config.collections import CollectionConfig
     from skyvault.config.settings import CatalogSettings, StoreSettings
+
+    if backend == "pgstac":
+        from skyvault.catalog.pgstac import PgstacCatalog as Backend
+    else:
+        from skyvault.catalog.stac_api import StacApiCatalog as Backend  # type: ignore[assignment]
 
     items = read_ndjson(path, collection, int(count))
     settings = CatalogSettings(
         backend=backend, **({"dsn": target} if backend == "pgstac" else {"url": target})
     )
     config = CollectionConfig(id=collection, title="Benchmark scenes", license="CC0-1.0")
-    size = int(batch)
+    size = settings.batch_size
+    catalog = Backend(settings, StoreSettings())  # the backend open_catalog returns; connects lazily
     start = time.perf_counter()
-    catalog = open_catalog(settings, StoreSettings())
     written = 0
     for n in range(0, len(items), size):
         written += len(catalog.upsert_items(config, items[n : n + size]))
     call = time.perf_counter() - start
     print(json.dumps({"call": call, "written": written}))
+
+
+def child_pypgstac(dsn: str, collection: str, path: str, count: str) -> None:
+    """pypgstac's Loader on all the items at once (what ``pypgstac load items`` runs)."""
+    from pypgstac.db import PgstacDB
+    from pypgstac.load import Loader, Methods
+
+    items = read_ndjson(path, collection, int(count))
+    start = time.perf_counter()
+    with PgstacDB(dsn) as db:
+        Loader(db).load_items(iter(items), insert_mode=Methods.upsert)
+    print(json.dumps({"call": time.perf_counter() - start, "written": len(items)}))
 
 
 def child_post_per_item(url: str, collection: str, path: str, count: str) -> None:
@@ -209,20 +232,27 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=20000, help="items written by the pgstac sides")
     parser.add_argument("--api-items", type=int, default=20000, help="items written by the STAC API sides")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each side (>= 3)")
-    parser.add_argument("--batch-size", type=int, default=500, help="items per skyvault catalog call")
+    parser.add_argument(
+        "--batch-size",
+        default="default",
+        help="items per skyvault catalog call (default: catalog.batch_size)",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         name, *rest = args.child
         if name == "skyvault":
             child_skyvault(*rest)
+        elif name == "pypgstac":
+            child_pypgstac(*rest)
         else:
             child_post_per_item(*rest)
         return
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a terminated run still stops its services
     work = Path(tempfile.mkdtemp(prefix="skyvault-bench-register-"))
     os.chmod(work, 0o755)  # the PostgreSQL user must reach its data folder
-    names = ["pypgstac load", "skyvault pgstac", "POST per item", "skyvault stac-api"]
+    names = ["pypgstac load", "pypgstac Loader", "skyvault pgstac", "POST per item", "skyvault stac-api"]
     sides = {name: Side() for name in names}
     try:
         ndjson = work / "items.ndjson"
@@ -257,7 +287,7 @@ def main() -> None:
             for rep in range(args.reps):
                 for name in rotation(names, rep):
                     side = sides[name]
-                    if name in ("pypgstac load", "skyvault pgstac"):
+                    if "pgstac" in name:
                         dsn = copy_database(port, "bench_template", f"bench_{rep}_{names.index(name)}")
                         count, collection = args.items, COLLECTION
                         if name == "pypgstac load":
@@ -268,6 +298,8 @@ def main() -> None:
                                     for _, line in zip(range(args.items), src, strict=False):
                                         dst.write(line)
                                 cmd[3] = str(head)
+                        elif name == "pypgstac Loader":
+                            cmd = me("pypgstac", dsn, COLLECTION, str(ndjson), str(count))
                         else:
                             cmd = me(
                                 "skyvault",
@@ -328,6 +360,9 @@ def main() -> None:
         name: items_per_second(args.items if "pgstac" in name else args.api_items, s.whole)
         for name, s in sides.items()
     }
+    calls = {
+        name: items_per_second(args.items, s.call) for name, s in sides.items() if "pgstac" in name and s.call
+    }
     text = "\n".join(
         [
             "### Catalog registration: skyvault backends vs pypgstac load and one POST per item",
@@ -339,8 +374,10 @@ def main() -> None:
                 ["side", "items", "process s", "items/s", "in-process s", "peak RSS MB"], rows, numeric_from=1
             ),
             "",
-            "- skyvault pgstac / pypgstac load (items/s): "
+            "- skyvault pgstac / pypgstac load (items/s, whole processes): "
             f"{ratio(speed['skyvault pgstac'], speed['pypgstac load'])} (target >= 0.9)",
+            "- skyvault pgstac / pypgstac Loader (items/s, in-process calls): "
+            f"{ratio(calls['skyvault pgstac'], calls['pypgstac Loader'])}",
             f"- skyvault stac-api / POST per item (items/s): "
             f"{ratio(speed['skyvault stac-api'], speed['POST per item'])} (target >= 5)",
         ]

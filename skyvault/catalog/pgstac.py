@@ -55,6 +55,7 @@ from skyvault.catalog.backend import (
     item_ref,
     prepare_batch,
     readable_interval,
+    union_bbox,
 )
 from skyvault.config.collections import CollectionConfig
 from skyvault.config.settings import CatalogSettings, StoreSettings
@@ -88,6 +89,7 @@ ITEM_ERRORS: tuple[type[psycopg.Error], ...] = (
     psycopg.errors.RaiseException,
 )
 TIME_PROPERTIES = ("datetime", "start_datetime", "end_datetime")
+_UTC_TEXT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z\Z")
 
 
 def public_dsn(dsn: str) -> str:
@@ -117,12 +119,23 @@ def pgstac_times(item: dict[str, Any]) -> tuple[dt.datetime, dt.datetime] | None
 
 def _normalised(item: dict[str, Any]) -> dict[str, Any]:
     """The item with its readable times written in UTC (pypgstac picks partitions from the text)."""
-    props = dict(item.get("properties") or {})
+    props = item.get("properties") or {}
+    if all(_UTC_TEXT.match(v) for v in (props.get(n) for n in TIME_PROPERTIES) if isinstance(v, str)):
+        return item  # already UTC with a Z, as skyvault writes items
+    props = dict(props)
     for name in TIME_PROPERTIES:
         value = parse_time(props.get(name))
         if value is not None:
             props[name] = iso_time(value)
     return {**item, "properties": props}
+
+
+def _refused_item(error: BaseException) -> bool:
+    """Whether ``error`` refuses the items being loaded (bad data), not the connection or the code."""
+    if isinstance(error, psycopg.Error):
+        return isinstance(error, ITEM_ERRORS)
+    # pypgstac raises a bare Exception (or a KeyError, ValueError...) for an item it cannot read
+    return not isinstance(error, (CatalogError, MemoryError, RecursionError))
 
 
 def _as_read(content: dict[str, Any]) -> dict[str, Any]:
@@ -332,7 +345,7 @@ class PgstacCatalog:
             " WHERE collection = %s AND id = ANY(%s)",
             (collection_id, ids),
         )
-        for item_id, start, end, partition in cur:
+        for item_id, start, end, partition in cur.fetchall():
             out.setdefault(item_id, []).append(_Row(start, end, partition))
         return out
 
@@ -424,6 +437,42 @@ class PgstacCatalog:
             (extent, collection_id, extent),
         )
 
+    @staticmethod
+    def _widen_extent(
+        conn: Connection,
+        collection_id: str,
+        items: list[dict[str, Any]],
+        times: list[tuple[dt.datetime, dt.datetime] | None],
+    ) -> None:
+        """Grow the collection's extent to cover ``items`` (no partition is read).
+
+        Enough when no item left its partition in this batch: items were only added or updated in
+        place, so the extent can only grow (an item updated to a smaller footprint leaves it
+        wider, still covering every item). An empty collection's placeholder extent is replaced.
+        """
+        row = conn.execute(
+            "SELECT content->'extent' FROM collections WHERE id = %s", (collection_id,)
+        ).fetchone()
+        current = row[0] if row and isinstance(row[0], dict) else {}
+        try:
+            (old_bbox,) = current["spatial"]["bbox"][:1]
+            ((old_lo, old_hi),) = current["temporal"]["interval"][:1]
+        except (KeyError, TypeError, ValueError):
+            old_bbox, old_lo, old_hi = None, None, None
+        empty = old_lo is None and old_hi is None
+        bboxes = [i["bbox"] for i in items if i.get("bbox")] + ([] if empty or not old_bbox else [old_bbox])
+        spans = [t for t in times if t is not None]
+        if not empty:
+            spans.append((parse_time(old_lo) or spans[0][0], parse_time(old_hi) or spans[0][1]))
+        bbox = union_bbox(bboxes) or list(WORLD_BBOX)
+        interval = [iso_time(min(t[0] for t in spans)), iso_time(max(t[1] for t in spans))]
+        extent = Jsonb({"spatial": {"bbox": [bbox]}, "temporal": {"interval": [interval]}})
+        conn.execute(
+            "UPDATE collections SET content = jsonb_set(content, '{extent}', %s)"
+            " WHERE id = %s AND content->'extent' IS DISTINCT FROM %s",
+            (extent, collection_id, extent),
+        )
+
     def _href(self, item: dict[str, Any]) -> str:
         for link in item.get("links") or []:
             if isinstance(link, dict) and link.get("rel") == "self" and isinstance(link.get("href"), str):
@@ -494,45 +543,54 @@ class PgstacCatalog:
                 conn.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
             before = self._rows(conn, collection.id, batch)
             loader = Loader(_Session(conn))
-            pending, refused = self._readable(loader, batch)
+            refused: dict[str, str] = {}
+            times = {item_id: pgstac_times(item) for item_id, item in batch.items()}
             delsert = {
                 item_id
-                for item_id, item in pending.items()
+                for item_id in batch
                 if item_id in before
                 and (
                     len(before[item_id]) > 1
-                    or (before[item_id][0].datetime, before[item_id][0].end_datetime) != pgstac_times(item)
+                    or (before[item_id][0].datetime, before[item_id][0].end_datetime) != times[item_id]
                 )
             }
             try:
                 with conn.transaction():
-                    self._load(loader, pending, delsert)
-                written = list(pending)
-            except ITEM_ERRORS as e:
+                    self._load(loader, batch, delsert)
+                written = list(batch)
+            except Exception as e:
+                if not _refused_item(e):
+                    raise
                 logger.warning(
                     "pgstac: collection %r: a batch of %d item(s) was refused (%s); loading them one by one",
                     collection.id,
-                    len(pending),
+                    len(batch),
                     _one_line(e),
                 )
                 written = []
-                for item_id, item in pending.items():
+                for item_id, item in batch.items():
                     try:
                         with conn.transaction():
                             self._load(loader, {item_id: item}, delsert)
                         written.append(item_id)
-                    except ITEM_ERRORS as item_error:
+                    except Exception as item_error:
+                        if not _refused_item(item_error):
+                            raise
                         refused[item_id] = f"refused by pgstac: {_one_line(item_error)}"
             after = self._rows(conn, collection.id, written)
-            partitions = {row.partition for rows in (*before.values(), *after.values()) for row in rows}
-            if written:
+            if written and (delsert & set(written)):
+                # items left their partition: the extent may shrink, so it is computed again
+                partitions = {row.partition for rows in (*before.values(), *after.values()) for row in rows}
                 self._refresh_extent(conn, collection.id, partitions)
+            elif written:
+                self._widen_extent(
+                    conn, collection.id, [batch[i] for i in written], [times[i] for i in written]
+                )
             wrong = [
                 item_id
                 for item_id in written
                 if len(after.get(item_id, [])) != 1
-                or (after[item_id][0].datetime, after[item_id][0].end_datetime)
-                != pgstac_times(batch[item_id])
+                or (after[item_id][0].datetime, after[item_id][0].end_datetime) != times[item_id]
             ]
             if wrong:
                 shown = ", ".join(repr(i) for i in wrong[:10]) + (
@@ -543,24 +601,6 @@ class PgstacCatalog:
                     f"stored once with their datetime: {shown}"
                 )
         return _Outcome(written, {i for i in written if i not in before}, refused)
-
-    @staticmethod
-    def _readable(
-        loader: Loader, batch: dict[str, dict[str, Any]]
-    ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-        """Split the batch into the items pypgstac can read and the reasons it cannot read the others."""
-        pending: dict[str, dict[str, Any]] = {}
-        refused: dict[str, str] = {}
-        for item_id, item in batch.items():
-            try:
-                loader.format_item(item)
-            except psycopg.Error:
-                raise
-            except Exception as e:  # noqa: BLE001 - pypgstac raises bare Exception for an unreadable item
-                refused[item_id] = f"refused by pypgstac: {_one_line(e)}"
-            else:
-                pending[item_id] = item
-        return pending, refused
 
     @staticmethod
     def _load(loader: Loader, items: dict[str, dict[str, Any]], delsert: set[str]) -> None:

@@ -15,16 +15,13 @@ from skyvault.catalog.registration import open_catalog
 from skyvault.config.collections import CollectionConfig
 from skyvault.config.settings import CatalogSettings, StoreSettings
 from skyvault.errors import CatalogError, ItemsRejectedError, TransientCatalogError
+from tests.catalog.items import stac_item, stamp
 
 SCENES = CollectionConfig(
     id="scenes", title="Test scenes", description="Scenes for tests", license="CC-BY-4.0", keywords=["test"]
 )
 T0 = dt.datetime(2024, 5, 1, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
-
-
-def stamp(when: dt.datetime) -> str:
-    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def make_item(
@@ -35,37 +32,15 @@ def make_item(
     collection: str = "scenes",
     **props: Any,
 ) -> dict[str, Any]:
-    """A small valid STAC 1.1 item (polygon footprint, a data asset, a collection link)."""
-    w, s, e, n = bbox
-    parts = [(w, s, 180.0, n), (-180.0, s, e, n)] if w > e else [(w, s, e, n)]
-    rings = [[[[a, b], [c, b], [c, d], [a, d], [a, b]]] for a, b, c, d in parts]
-    geometry = (
-        {"type": "Polygon", "coordinates": rings[0]}
-        if len(rings) == 1
-        else {"type": "MultiPolygon", "coordinates": rings}
+    return stac_item(
+        item_id,
+        collection,
+        bbox=bbox,
+        when=when,
+        span=span,
+        href=f"s3://bucket/cogs/{collection}/{item_id}.tif",
+        **props,
     )
-    properties: dict[str, Any] = {**props}
-    if span is not None:
-        properties.update(datetime=None, start_datetime=stamp(span[0]), end_datetime=stamp(span[1]))
-    else:
-        properties["datetime"] = stamp(when) if when else None
-    return {
-        "type": "Feature",
-        "stac_version": "1.1.0",
-        "id": item_id,
-        "collection": collection,
-        "geometry": geometry,
-        "bbox": list(bbox),
-        "properties": properties,
-        "assets": {
-            "data": {
-                "href": f"s3://bucket/cogs/{collection}/{item_id}.tif",
-                "type": "image/tiff; application=geotiff; profile=cloud-optimized",
-                "roles": ["data"],
-            }
-        },
-        "links": [{"rel": "collection", "href": "../collection.json", "type": "application/json"}],
-    }
 
 
 def settings(dsn: str, **overrides: Any) -> CatalogSettings:

@@ -24,6 +24,7 @@ from skyvault.config.collections import CollectionConfig
 from skyvault.config.settings import CatalogSettings, StoreSettings
 from skyvault.errors import CatalogError, ItemsRejectedError, TransientCatalogError
 from skyvault.items import parse_time
+from tests.catalog.items import stac_item, stamp
 from tests.conftest import StacApi
 
 MAY_1 = dt.datetime(2024, 5, 1, tzinfo=dt.UTC)
@@ -49,35 +50,7 @@ def make_item(
     when: dt.datetime | None = MAY_1,
     span: tuple[dt.datetime, dt.datetime] | None = None,
 ) -> dict[str, Any]:
-    """A small valid item shaped like build_item's (no raster behind it)."""
-    w, s, e, n = bbox
-    props: dict[str, Any] = {"skyvault:cog_key": f"cogs/{collection_id}/{item_id}.tif"}
-    if span:
-        props.update(datetime=None, start_datetime=iso(span[0]), end_datetime=iso(span[1]))
-    else:
-        assert when is not None
-        props["datetime"] = iso(when)
-    return {
-        "type": "Feature",
-        "stac_version": "1.1.0",
-        "id": item_id,
-        "collection": collection_id,
-        "geometry": {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]},
-        "bbox": [w, s, e, n],
-        "properties": props,
-        "assets": {
-            "data": {
-                "href": f"file:///data/cogs/{collection_id}/{item_id}.tif",
-                "type": "image/tiff; application=geotiff; profile=cloud-optimized",
-                "roles": ["data"],
-            }
-        },
-        "links": [{"rel": "collection", "href": "../collection.json", "type": "application/json"}],
-    }
-
-
-def iso(when: dt.datetime) -> str:
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return stac_item(item_id, collection_id, bbox=bbox, when=when, span=span)
 
 
 def settings(url: str, **kw: Any) -> CatalogSettings:
@@ -151,6 +124,7 @@ class FlakyProxy:
 
     With ``fail_after_bulk``, requests pass until one bulk write has gone through, then 503 again.
     With ``hide_bulk``, it answers 404 to bulk writes, as a server without bulk transactions.
+    ``fail_bulk`` bulk writes are answered 503 (the other requests pass).
     """
 
     def __init__(self, upstream: str) -> None:
@@ -159,6 +133,7 @@ class FlakyProxy:
         self.fail_after_bulk = False
         self.hide_bulk = False
         self.bulk_hidden = 0
+        self.fail_bulk = 0
         self.unavailable = 0
         self.forwarded: list[str] = []
         self.lock = threading.Lock()
@@ -178,6 +153,10 @@ class FlakyProxy:
                     fail = proxy.fail_next > 0
                     if fail:
                         proxy.fail_next -= 1
+                        proxy.unavailable += 1
+                    elif proxy.fail_bulk > 0 and self.path.endswith("/bulk_items"):
+                        fail = True
+                        proxy.fail_bulk -= 1
                         proxy.unavailable += 1
                     else:
                         proxy.forwarded.append(f"{self.command} {self.path}")
@@ -311,7 +290,7 @@ def test_search_get_existing_and_delete_follow_the_protocol(stac_api: StacApi, s
 
     item = catalog.get_item(coll.id, "mid")
     assert item is not None
-    assert item["properties"]["start_datetime"] == iso(MAY_1)
+    assert item["properties"]["start_datetime"] == stamp(MAY_1)
     assert item["assets"]["data"]["href"] == f"file:///data/cogs/{coll.id}/mid.tif"
     assert catalog.get_item(coll.id, "nope") is None
     assert catalog.get_item(unique("unknown"), "mid") is None

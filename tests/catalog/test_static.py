@@ -29,6 +29,7 @@ from skyvault.errors import CatalogError
 from skyvault.models import Product
 from skyvault.stac.item import validate_item
 from skyvault.storage.store import open_store
+from tests.catalog.items import stac_item
 from tests.stac.test_item import put_cog
 from tests.storage.test_lock import serial_moto_endpoint, serial_s3_settings  # noqa: F401 - fixtures
 
@@ -48,37 +49,9 @@ def make_item(
     collection: str = "scenes",
     **props: Any,
 ) -> dict[str, Any]:
-    """A small valid item shaped like build_item's (no raster behind it)."""
-    w, s, e, n = bbox
-    parts = [[w, s, 180.0, n], [-180.0, s, e, n]] if w > e else [[w, s, e, n]]
-    rings = [[[[a, b], [c, b], [c, d], [a, d], [a, b]]] for a, b, c, d in parts]
-    geometry = (
-        {"type": "Polygon", "coordinates": rings[0]}
-        if len(rings) == 1
-        else {"type": "MultiPolygon", "coordinates": rings}
-    )
-    key = cog_key(collection, item_id)
-    item = pystac.Item(
-        id=item_id,
-        geometry=geometry,
-        bbox=list(bbox),
-        datetime=None if span else when,
-        start_datetime=span[0] if span else None,
-        end_datetime=span[1] if span else None,
-        properties={"skyvault:cog_key": key, **props},
-        collection=collection,
-    )
-    item.add_asset(
-        "data",
-        pystac.Asset(
-            href=open_store(store).url(key),
-            media_type="image/tiff; application=geotiff; profile=cloud-optimized",
-            roles=["data"],
-        ),
-    )
-    out: dict[str, Any] = item.to_dict(include_self_link=False, transform_hrefs=False)
-    out["links"] = [{"rel": "collection", "href": "../collection.json", "type": "application/json"}]
-    return out
+    """A small valid item whose data asset is the store's URL of its COG key (no raster behind it)."""
+    href = open_store(store).url(cog_key(collection, item_id))
+    return stac_item(item_id, collection, bbox=bbox, when=when, span=span, href=href, **props)
 
 
 @pytest.fixture

@@ -7,7 +7,9 @@ job twice (``skyvault-provision --env dev``, the second run changes nothing), de
 starts one Docker worker per pool, and then drives the deployments with ``prefect deployment run``
 and the REST API: ingest of sample products from the S3 landing prefix, archive of a dataset to an
 LTS folder mounted into the containers, and its retrieval, whose container is killed mid-run and
-retried from the API. Everything started is stopped by its process or container id at the end.
+retried from the API; then the register flow writes the COGs' items into a stac-fastapi-pgstac
+that answers its first bulk write with 503, and the task is retried inside the container.
+Everything started is stopped by its process or container id at the end.
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pystac_client
 import pytest
 from rasterio.transform import from_origin
 
-from bench.common import free_port, postgres
+from bench.common import free_port, pgstac, postgres, stac_api
+from tests.catalog.test_stac_api import FlakyProxy, serve
 from tests.conftest import write_raster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
@@ -439,7 +443,7 @@ def test_the_dev_environment_runs_every_flow_in_docker_work_pools(stack: Stack, 
     stack.run([str(VENV_BIN / "prefect"), "--no-prompt", "deploy", "--all"], env=deploy_env)
     _, deployments = api(stack, "POST", "/deployments/filter", {"limit": 50})
     by_name = {(d["name"], d["work_pool_name"]): d for d in deployments}
-    assert len(deployments) == 7
+    assert len(deployments) == 10
     assert {pool for _, pool in by_name} == set(POOLS)
     for d in deployments:
         assert d["pull_steps"] == [
@@ -493,7 +497,7 @@ def test_the_dev_environment_runs_every_flow_in_docker_work_pools(stack: Stack, 
     assert ingest["state"]["name"] == "Completed", ingest["state"]  # not Partial
     stack.timed("ingest", t)
 
-    cogs = keys(s3, bucket, f"cogs/{COLLECTION}/")
+    cogs = [k for k in keys(s3, bucket, f"cogs/{COLLECTION}/") if k.endswith(".tif")]
     assert cogs == [f"cogs/{COLLECTION}/SCENE_0.tif", f"cogs/{COLLECTION}/SCENE_1.tif"]
     for key in cogs:
         local = stack.tmp / Path(key).name
@@ -599,10 +603,49 @@ def test_the_dev_environment_runs_every_flow_in_docker_work_pools(stack: Stack, 
     assert sorted(restored.values()) == sorted(originals.values())
     assert any(k.endswith("download.sh") for k in retrieval)
 
+    # --- register into a STAC API that is unavailable once: the task retries in its container ----
+    t = time.monotonic()
+    catalog_dsn = stack.exits.enter_context(pgstac(stack.tmp / "pgstac"))
+    stac_url = stack.exits.enter_context(stac_api(catalog_dsn, stack.tmp / "stac-api.log"))
+    proxy = FlakyProxy(stac_url)
+    proxy.fail_bulk = 1  # the first bulk write is answered 503
+    proxy_url = stack.exits.enter_context(serve(proxy.handler()))
+    _, pool = api(stack, "GET", "/work_pools/skyvault-ingest")
+    pool_env = pool["base_job_template"]["variables"]["properties"]["env"]["default"]
+    register_deployment = deployment_id(stack, "register", "on-request")
+    body = {
+        "parameters": {"collection": COLLECTION},
+        "job_variables": {
+            "env": {
+                **pool_env,  # a run's env replaces the pool's default: keep it
+                "SKYVAULT_CATALOG__BACKEND": "stac-api",
+                "SKYVAULT_CATALOG__URL": proxy_url,
+                "SKYVAULT_CATALOG__MAX_ATTEMPTS": "1",  # the client gives up at once: the task retries
+            }
+        },
+    }
+    _, register_run = api(stack, "POST", f"/deployments/{register_deployment}/create_flow_run", body)
+    registered = wait_final(stack, register_run["id"])
+    assert_completed_in_runtime_container(stack, docker_client, registered, image_id)
+    assert proxy.unavailable == 1
+    _, task_runs = api(
+        stack, "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [register_run["id"]]}}, "limit": 50}
+    )
+    (write,) = [r for r in task_runs if r["name"].startswith("register-cogs")]
+    assert write["state_type"] == "COMPLETED"
+    assert write["run_count"] == 2, write  # failed once (503), retried by the task policy, in the container
+    found = pystac_client.Client.open(stac_url).search(collections=[COLLECTION], max_items=None)
+    assert sorted(i.id for i in found.items()) == ["SCENE_0", "SCENE_1"]
+    stack.timed("register", t)
+
+    # the nightly catalog backup is deployed paused: the catalog of this environment is not pgstac
+    (backup_schedule,) = by_name[("nightly", "skyvault-ingest")]["schedules"]
+    assert backup_schedule["active"] is False
+
     # every flow run of the test, the product subflows included, ended Completed
     _, runs = api(stack, "POST", "/flow_runs/filter", {"limit": 200})
     ended = {r["name"]: r["state_type"] for r in runs if r["state_type"] != "SCHEDULED"}
-    assert len(ended) == 5, ended  # ingest, its 2 process-product runs, archive, retrieve
+    assert len(ended) == 6, ended  # ingest, its 2 process-product runs, archive, retrieve, register
     assert set(ended.values()) == {"COMPLETED"}, ended
     stack.timed("total", started)
 
