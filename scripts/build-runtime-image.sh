@@ -103,9 +103,12 @@ for line in text.splitlines():
         out.append(" ".join([str(requirement), *hashes]))
 open(sys.argv[2], "w", encoding="utf-8").write("\n".join(out) + "\n")
 PY
-  "$python" -m pip download --quiet --only-binary=:all: --require-hashes --no-deps \
+  # wheels wherever the lock has one; a package published only as an sdist (version-parser) is
+  # fetched as such and built in the image, with setuptools and wheel from the same folder
+  "$python" -m pip download --quiet --prefer-binary --require-hashes --no-deps \
     -r "$wheels.part/target.txt" -d "$wheels.part" >&2
-  "$python" -m pip download --quiet --only-binary=:all: "uv==$uv_version" hatchling -d "$wheels.part" >&2
+  "$python" -m pip download --quiet --only-binary=:all: "uv==$uv_version" hatchling setuptools wheel \
+    -d "$wheels.part" >&2
   touch "$wheels.part/.complete"
   rm -rf "$wheels" && mv "$wheels.part" "$wheels"
 fi
