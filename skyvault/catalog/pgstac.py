@@ -350,6 +350,26 @@ class PgstacCatalog:
         return out
 
     @staticmethod
+    def _misstored(
+        conn: Connection,
+        collection_id: str,
+        item_ids: list[str],
+        times: dict[str, tuple[dt.datetime, dt.datetime] | None],
+    ) -> list[str]:
+        """Which of ``item_ids`` are not stored exactly once with their time (compared in SQL)."""
+        if not item_ids:
+            return []
+        spans = [times[i] or (None, None) for i in item_ids]
+        rows = conn.execute(
+            "SELECT b.id FROM unnest(%s::text[], %s::timestamptz[], %s::timestamptz[]) AS b(id, dt, edt)"
+            " LEFT JOIN (SELECT id, count(*) AS n, min(datetime) AS dt, max(end_datetime) AS edt"
+            "  FROM items WHERE collection = %s AND id = ANY(%s) GROUP BY id) s USING (id)"
+            " WHERE s.n IS DISTINCT FROM 1 OR s.dt IS DISTINCT FROM b.dt OR s.edt IS DISTINCT FROM b.edt",
+            (item_ids, [t[0] for t in spans], [t[1] for t in spans], collection_id, item_ids),
+        ).fetchall()
+        return sorted(str(r[0]) for r in rows)
+
+    @staticmethod
     def _collection_doc(collection: CollectionConfig) -> dict[str, Any]:
         unbounded: list[list[dt.datetime | None]] = [[None, None]]
         extent = pystac.Extent(pystac.SpatialExtent([list(WORLD_BBOX)]), pystac.TemporalExtent(unbounded))
@@ -577,21 +597,16 @@ class PgstacCatalog:
                         if not _refused_item(item_error):
                             raise
                         refused[item_id] = f"refused by pgstac: {_one_line(item_error)}"
-            after = self._rows(conn, collection.id, written)
             if written and (delsert & set(written)):
                 # items left their partition: the extent may shrink, so it is computed again
+                after = self._rows(conn, collection.id, written)
                 partitions = {row.partition for rows in (*before.values(), *after.values()) for row in rows}
                 self._refresh_extent(conn, collection.id, partitions)
             elif written:
                 self._widen_extent(
                     conn, collection.id, [batch[i] for i in written], [times[i] for i in written]
                 )
-            wrong = [
-                item_id
-                for item_id in written
-                if len(after.get(item_id, [])) != 1
-                or (after[item_id][0].datetime, after[item_id][0].end_datetime) != times[item_id]
-            ]
+            wrong = self._misstored(conn, collection.id, written, times)
             if wrong:
                 shown = ", ".join(repr(i) for i in wrong[:10]) + (
                     f" and {len(wrong) - 10} more" if len(wrong) > 10 else ""
