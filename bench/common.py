@@ -183,11 +183,7 @@ def free_port() -> int:
 
 
 def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
+    return _answers(f"{url}/health")
 
 
 def _postgres_bin() -> Path:

@@ -259,6 +259,12 @@ def main() -> None:
         with ndjson.open("w", encoding="utf-8") as f:
             for item in make_items(max(args.items, args.api_items), COLLECTION):
                 f.write(json.dumps(item) + "\n")
+        load_file = ndjson  # what `pypgstac load` reads: the first --items items
+        if args.items < args.api_items:
+            load_file = work / "head.ndjson"
+            with ndjson.open() as src, load_file.open("w") as dst:
+                for _, line in zip(range(args.items), src, strict=False):
+                    dst.write(line)
         collection_file = work / "collection.json"
         collection_file.write_text(json.dumps(collection_doc(COLLECTION)))
         with contextlib.ExitStack() as stack:
@@ -291,13 +297,16 @@ def main() -> None:
                         dsn = copy_database(port, "bench_template", f"bench_{rep}_{names.index(name)}")
                         count, collection = args.items, COLLECTION
                         if name == "pypgstac load":
-                            cmd = [pypgstac, "load", "items", str(ndjson), "--dsn", dsn, "--method", "upsert"]
-                            head = work / "head.ndjson"
-                            if args.items < sum(1 for _ in ndjson.open()):
-                                with ndjson.open() as src, head.open("w") as dst:
-                                    for _, line in zip(range(args.items), src, strict=False):
-                                        dst.write(line)
-                                cmd[3] = str(head)
+                            cmd = [
+                                pypgstac,
+                                "load",
+                                "items",
+                                str(load_file),
+                                "--dsn",
+                                dsn,
+                                "--method",
+                                "upsert",
+                            ]
                         elif name == "pypgstac Loader":
                             cmd = me("pypgstac", dsn, COLLECTION, str(ndjson), str(count))
                         else:
