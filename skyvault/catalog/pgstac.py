@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 import math
 import os
@@ -128,6 +129,11 @@ def _normalised(item: dict[str, Any]) -> dict[str, Any]:
         if value is not None:
             props[name] = iso_time(value)
     return {**item, "properties": props}
+
+
+def _json_text(value: Any) -> str:
+    """``value`` as one JSON text parameter (ids and times of a whole batch)."""
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _refused_item(error: BaseException) -> bool:
@@ -342,8 +348,8 @@ class PgstacCatalog:
             return out
         cur = conn.execute(
             "SELECT id, datetime, end_datetime, tableoid::regclass::text FROM items"
-            " WHERE collection = %s AND id = ANY(%s)",
-            (collection_id, ids),
+            " WHERE collection = %s AND id = ANY(ARRAY(SELECT jsonb_array_elements_text(%s::jsonb)))",
+            (collection_id, _json_text(ids)),
         )
         for item_id, start, end, partition in cur.fetchall():
             out.setdefault(item_id, []).append(_Row(start, end, partition))
@@ -359,13 +365,19 @@ class PgstacCatalog:
         """Which of ``item_ids`` are not stored exactly once with their time (compared in SQL)."""
         if not item_ids:
             return []
-        spans = [times[i] or (None, None) for i in item_ids]
+        expected = [
+            [i, *((t[0].isoformat(), t[1].isoformat()) if (t := times[i]) else (None, None))]
+            for i in item_ids
+        ]
+        # one JSON parameter: psycopg's text dump of large Python lists costs more than the query
         rows = conn.execute(
-            "SELECT b.id FROM unnest(%s::text[], %s::timestamptz[], %s::timestamptz[]) AS b(id, dt, edt)"
-            " LEFT JOIN (SELECT id, count(*) AS n, min(datetime) AS dt, max(end_datetime) AS edt"
-            "  FROM items WHERE collection = %s AND id = ANY(%s) GROUP BY id) s USING (id)"
+            "WITH b AS (SELECT e->>0 AS id, (e->>1)::timestamptz AS dt, (e->>2)::timestamptz AS edt"
+            "  FROM jsonb_array_elements(%s::jsonb) AS e)"
+            " SELECT b.id FROM b LEFT JOIN (SELECT id, count(*) AS n, min(datetime) AS dt,"
+            "  max(end_datetime) AS edt FROM items"
+            "  WHERE collection = %s AND id = ANY(ARRAY(SELECT id FROM b)) GROUP BY id) s USING (id)"
             " WHERE s.n IS DISTINCT FROM 1 OR s.dt IS DISTINCT FROM b.dt OR s.edt IS DISTINCT FROM b.edt",
-            (item_ids, [t[0] for t in spans], [t[1] for t in spans], collection_id, item_ids),
+            (_json_text(expected), collection_id),
         ).fetchall()
         return sorted(str(r[0]) for r in rows)
 
@@ -574,9 +586,16 @@ class PgstacCatalog:
                     or (before[item_id][0].datetime, before[item_id][0].end_datetime) != times[item_id]
                 )
             }
+            new = {item_id for item_id in batch if item_id not in before}
             try:
-                with conn.transaction():
-                    self._load(loader, batch, delsert)
+                try:
+                    with conn.transaction():
+                        self._load(loader, batch, new, delsert)
+                except psycopg.errors.UniqueViolation:
+                    # an id was stored meanwhile by a writer outside the collection lock
+                    new = set()
+                    with conn.transaction():
+                        self._load(loader, batch, new, delsert)
                 written = list(batch)
             except Exception as e:
                 if not _refused_item(e):
@@ -591,7 +610,7 @@ class PgstacCatalog:
                 for item_id, item in batch.items():
                     try:
                         with conn.transaction():
-                            self._load(loader, {item_id: item}, delsert)
+                            self._load(loader, {item_id: item}, set(), delsert)
                         written.append(item_id)
                     except Exception as item_error:
                         if not _refused_item(item_error):
@@ -618,14 +637,25 @@ class PgstacCatalog:
         return _Outcome(written, {i for i in written if i not in before}, refused)
 
     @staticmethod
-    def _load(loader: Loader, items: dict[str, dict[str, Any]], delsert: set[str]) -> None:
-        """Load ``items``: those in ``delsert`` deleted by id first, the others upserted in place."""
-        moved = [item for item_id, item in items.items() if item_id in delsert]
-        kept = [item for item_id, item in items.items() if item_id not in delsert]
-        if kept:
-            loader.load_items(iter(kept), insert_mode=Methods.upsert)
-        if moved:
-            loader.load_items(iter(moved), insert_mode=Methods.delsert)
+    def _load(loader: Loader, items: dict[str, dict[str, Any]], new: set[str], delsert: set[str]) -> None:
+        """Load ``items`` into their partitions.
+
+        ``new`` ones (stored nowhere when read under the collection lock) are copied in, those in
+        ``delsert`` are deleted by id first, the others are upserted in place.
+        """
+        groups: dict[Methods, list[dict[str, Any]]] = {}
+        for item_id, item in items.items():
+            mode = (
+                Methods.delsert
+                if item_id in delsert
+                else Methods.insert
+                if item_id in new
+                else Methods.upsert
+            )
+            groups.setdefault(mode, []).append(item)
+        for mode in (Methods.insert, Methods.upsert, Methods.delsert):
+            if mode in groups:
+                loader.load_items(iter(groups[mode]), insert_mode=mode)
 
     def delete_item(self, collection_id: str, item_id: str) -> bool:
         def delete(conn: Connection) -> bool:

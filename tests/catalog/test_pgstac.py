@@ -174,6 +174,31 @@ def test_reupsert_creates_nothing_and_a_datetime_moved_to_another_month_leaves_o
     }
 
 
+def test_an_item_stored_by_another_writer_after_the_read_is_updated_not_doubled(
+    pgstac_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cat = catalog(pgstac_dsn)
+    cat.upsert_items(SCENES, [make_item("a")])
+    real_rows = PgstacCatalog._rows
+    reads: list[int] = []
+
+    def read_before_the_other_writer(conn: Any, collection_id: str, item_ids: Any) -> Any:
+        reads.append(1)
+        # the first read of the batch sees the collection as it was before "a" arrived
+        return {} if len(reads) == 1 else real_rows(conn, collection_id, item_ids)
+
+    monkeypatch.setattr(PgstacCatalog, "_rows", staticmethod(read_before_the_other_writer))
+    changed = make_item("a", bbox=(20.0, 40.0, 21.0, 41.0))
+
+    refs = cat.upsert_items(SCENES, [changed, make_item("b")])
+
+    assert [r.item_id for r in refs] == ["a", "b"]
+    assert [len(rows_of(pgstac_dsn, i)) for i in ("a", "b")] == [1, 1]
+    assert cat.get_item("scenes", "a") == changed
+    # the batch is loaded again as a whole, not taken for a refused one and loaded item by item
+    assert not [r for r in caplog.records if "refused" in r.getMessage()]
+
+
 def test_duplicate_ids_in_one_batch_the_last_one_wins(pgstac_dsn: str) -> None:
     cat = catalog(pgstac_dsn)
     first = make_item("dup", bbox=(1.0, 1.0, 2.0, 2.0), when=T0)
