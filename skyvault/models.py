@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,8 +24,51 @@ class ObjectInfo(_Record):
     last_modified: dt.datetime
 
 
+GeoReferenceKind = Literal["rectifiedBrowse", "footprint", "regularGrid", "modelInGeotiff"]
+
+
+class GeoReference(_Record):
+    """How a browse image is placed on the ground, numbers as given in its browse report.
+
+    ``rectifiedBrowse``: ``coords`` holds the 4 numbers of ``coordList`` (two corners).
+    ``footprint``: ``col_rows`` (``colRowList``) and ``coords`` (``coordList``) hold matching
+    pixel / coordinate pairs. ``regularGrid``: the node counts and steps, and ``coords`` holds every
+    ``coordList`` row concatenated. ``modelInGeotiff``: the raster's own georeferencing, no numbers.
+    Coordinates are in the report's reference system and axis order (``lat lon`` for EPSG:4326).
+    """
+
+    kind: GeoReferenceKind
+    coords: tuple[float, ...] = ()
+    col_rows: tuple[float, ...] = ()
+    node_number: int | None = None
+    col_node_number: int | None = None
+    row_node_number: int | None = None
+    col_step: float | None = None
+    row_step: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """A short JSON-ready form for product properties (grid coordinates are left out)."""
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "rectifiedBrowse":
+            out["coordList"] = list(self.coords)
+        elif self.kind == "footprint":
+            out["nodeNumber"] = len(self.coords) // 2
+            out["colRowList"] = list(self.col_rows)
+            out["coordList"] = list(self.coords)
+        elif self.kind == "regularGrid":
+            out["colNodeNumber"] = self.col_node_number
+            out["rowNodeNumber"] = self.row_node_number
+            out["colStep"] = self.col_step
+            out["rowStep"] = self.row_step
+        return out
+
+
 class Product(_Record):
-    """A discovered product: where its raster is and what its sidecar said about it."""
+    """A discovered product: where its raster is and what its sidecar said about it.
+
+    ``georeference`` is the placement a browse report gives the raster (with ``crs_hint``, the
+    report's reference system); preprocess places the image by it unless it is ``modelInGeotiff``.
+    """
 
     collection: str
     id: str
@@ -33,7 +78,13 @@ class Product(_Record):
     start_datetime: dt.datetime | None = None
     end_datetime: dt.datetime | None = None
     crs_hint: str | None = None
+    georeference: GeoReference | None = None
     properties: dict[str, Any] = Field(default_factory=dict)
+
+    def digest(self) -> str:
+        """A digest of everything discovery said about the product (its report or sidecar included)."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 class DiscoveryFailure(_Record):
@@ -187,6 +238,7 @@ class ProductStatus(BaseModel):
     source_sha256: str | None = None
     item_href: str | None = None
     tiles: int = 0
+    product_digest: str | None = None
     updated_at: dt.datetime
 
 
@@ -223,6 +275,8 @@ class SeedChunk(_Record):
     ``tiles`` are ``(z, x, y)`` on WebMercatorQuad. ``cog_keys`` are the COGs of every item of the
     layer that touches these tiles, in mosaic order (first valid pixel wins). ``bounds``,
     ``min_zoom`` and ``max_zoom`` describe the whole layer's seeded extent (for its TileJSON).
+    ``band_ranges`` are the layer's ``(minimum, maximum)`` per COG band from its items' statistics
+    (None where unknown): the default stretch of data that is not 8-bit.
     """
 
     collection: str
@@ -234,6 +288,7 @@ class SeedChunk(_Record):
     max_zoom: int
     index: int = 0
     total: int = 1
+    band_ranges: tuple[tuple[float, float] | None, ...] = ()
 
 
 class Discovery(_Record):

@@ -81,16 +81,35 @@ def read_statuses(
 
 
 def needs_processing(
-    status: ProductStatus | None, in_catalog: bool, *, replace: bool, seed_tiles: bool
+    status: ProductStatus | None,
+    in_catalog: bool,
+    *,
+    replace: bool,
+    seed_tiles: bool,
+    digest: str | None = None,
 ) -> bool:
     """Whether ingest must (re)process a product.
 
-    A product is skipped only when its record says ``done``, the catalog holds its item and,
-    when tiles are wanted, the done run rendered them; ``replace`` processes it regardless.
+    A product is skipped only when its record says ``done``, the catalog holds its item, when
+    tiles are wanted the done run rendered them, and the product (``digest``, see
+    :meth:`Product.digest`) is the one that run processed; ``replace`` processes it regardless.
     """
     if replace or status is None or not in_catalog or status.state != "done":
         return True
+    if changed_since_done(status, digest):
+        return True
     return seed_tiles and status.step != "seed"
+
+
+def changed_since_done(status: ProductStatus | None, digest: str | None) -> bool:
+    """Whether a product recorded done was described differently then (a corrected report or sidecar)."""
+    return (
+        status is not None
+        and status.state == "done"
+        and status.product_digest is not None
+        and digest is not None
+        and status.product_digest != digest
+    )
 
 
 def now() -> dt.datetime:

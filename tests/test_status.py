@@ -154,3 +154,19 @@ def test_needs_processing(
 ) -> None:
     found = record("c", "p", state, step or "seed") if state else None
     assert needs_processing(found, in_catalog, replace=replace, seed_tiles=seed_tiles) is expected
+
+
+@pytest.mark.parametrize(
+    ("recorded", "now", "expected"),
+    [
+        ("d1", "d1", False),  # the product as it was processed: skipped
+        ("d1", "d2", True),  # its report or sidecar changed since: processed again
+        (None, "d2", False),  # a record from before digests were kept: the old rule
+    ],
+)
+def test_a_product_described_differently_since_it_was_done_is_processed_again(
+    recorded: str | None, now: str, expected: bool
+) -> None:
+    found = record("c", "p", "done").model_copy(update={"product_digest": recorded})
+    assert needs_processing(found, True, replace=False, seed_tiles=True, digest=now) is expected
+    assert status.changed_since_done(found, now) is expected

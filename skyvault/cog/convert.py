@@ -6,6 +6,13 @@ metadata plus the source checksum; GDAL's COG driver converts it (reprojecting w
 asks for it) with the collection's profile. The result is validated strictly, checksummed and
 uploaded atomically to ``cogs/<collection>/<product-id>.tif``.
 
+A browse whose report places it (``rectifiedBrowse``, ``footprint``, ``regularGrid``; see
+:mod:`skyvault.cog.georef`) gets that placement in the VRT, whatever georeferencing the file has, and
+is warped to the collection's ``target_crs`` or, when none is set, EPSG:4326. A raster placed by
+GCPs (from its report, or its own GCPs without a geotransform) is warped into a tiled scratch GeoTIFF
+with GDAL's GCP polynomial or a thin-plate spline (the collection's ``cog.gcp_transformer``), GDAL
+working through it in chunks of bounded memory, and that copy is converted.
+
 Work beyond GDAL's conversion overlaps it or is small: the source is hashed in a thread while
 GDAL converts it; the COG is hashed in a thread while it is validated and stored; validation
 checks the rules of rio-cogeo's strict ``cog_validate`` from the TIFF header and IFDs, decoding
@@ -17,8 +24,9 @@ as a VRT's sources or an overview sidecar, may lie outside) and within the confi
 disk found later is still reported as such, naming the scratch folder and the bytes needed.
 
 The source checksum is stored in the COG as the GDAL metadata item ``SKYVAULT_SOURCE_SHA256``, next
-to a fingerprint of the collection settings (``SKYVAULT_COG_PROFILE``), so a re-run finds a COG made
-from the same bytes with the same settings and skips the work unless ``replace`` is requested.
+to a fingerprint of the collection settings and of the report's placement (``SKYVAULT_COG_PROFILE``),
+so a re-run finds a COG made from the same bytes with the same settings and placement and skips the
+work unless ``replace`` is requested; a corrected report rebuilds it.
 The source is hashed while GDAL converts it: the COG is written with a same-length placeholder in
 that item, which is overwritten in place once the hash is known. Overwriting a fixed-length value
 inside the TIFF's ``GDAL_METADATA`` tag changes no offset or size, so the COG layout is untouched,
@@ -28,6 +36,7 @@ and the item is read back through GDAL before the file is accepted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -45,14 +54,27 @@ from typing import IO, Any, cast
 import numpy as np
 import rasterio
 import rasterio.shutil
+from affine import Affine
 from rasterio._err import CPLE_BaseError, CPLE_HttpResponseError
 from rasterio.crs import CRS
 from rasterio.dtypes import in_dtype_range
+from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
-from rasterio.warp import calculate_default_transform
+from rasterio.transform import array_bounds
+from rasterio.warp import calculate_default_transform, reproject
 from rasterio.windows import Window
 
 from skyvault.checksum import sha256_file, sha256_stream
+from skyvault.cog.georef import (
+    GcpMethod,
+    Placement,
+    PlacementError,
+    file_gcps_placement,
+    gcp_method,
+    placed_by_report,
+    report_placement,
+    transformer_options,
+)
 from skyvault.cog.scratch import check_space, free_bytes, is_out_of_space, scratch_folder, space_error
 from skyvault.config.collections import CollectionConfig
 from skyvault.config.settings import LimitSettings, StoreSettings
@@ -79,6 +101,8 @@ PROFILE_TAG = "SKYVAULT_COG_PROFILE"
 COG_MEDIA_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
 
 _GDAL_METADATA_TIFF_TAG = 42112
+#: The CRS a raster placed by its report or by GCPs is warped to when its collection sets no target_crs.
+DEFAULT_PLACED_CRS = "EPSG:4326"
 _GDAL_ERRORS = (RasterioError, CPLE_BaseError)
 
 
@@ -162,7 +186,8 @@ def preprocess_product(
 
     Raises:
         RasterError: the source is missing, empty, unreadable, corrupt, lacks a CRS or a
-            geotransform, or does not have the configured bands or a nodata value its type can hold.
+            geotransform (or GCPs) and has no report placing it, cannot be placed by its report or
+            GCPs, or does not have the configured bands or a nodata value its type can hold.
         RasterLimitError: the source (or its reprojection) has more pixels per band or more bands
             than ``limits`` allow, or GDAL would read a file outside the store for it.
         ScratchSpaceError: the scratch disk has no room for the conversion (names folder and bytes).
@@ -187,17 +212,18 @@ def preprocess_product(
         raise RasterError(f"product {label}: source {source_key!r} is empty (0 bytes)")
 
     env = _gdal_env(objects, source_key, key)
+    fingerprint = profile_fingerprint(collection, product)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cog-hash") as pool:
         known: str | None = None
         existing: tuple[str, int] | None = None
         if not replace:
-            existing, known = _same_source_cog(objects, key, source_key, collection, env, pool)
+            existing, known = _same_source_cog(objects, key, source_key, fingerprint, env, pool)
         if existing is not None and known is not None:
             (sha256, size), source_sha256, created = existing, known, False
         else:
             with scratch_folder(scratch_dir, product.id, label, limits.stale_scratch_seconds) as work:
                 cog_path, source_sha256, cog_hash = _make_cog(
-                    product, collection, objects, source, env, work, pool, known, limits
+                    product, collection, objects, source, env, work, pool, known, limits, fingerprint
                 )
                 objects.put_file(key, cog_path, content_type=COG_MEDIA_TYPE)
                 sha256, size = cog_hash.result()
@@ -219,7 +245,7 @@ def _same_source_cog(
     objects: ObjectStore,
     key: str,
     source_key: str,
-    collection: CollectionConfig,
+    fingerprint: str,
     env: dict[str, Any],
     pool: ThreadPoolExecutor,
 ) -> tuple[tuple[str, int] | None, str | None]:
@@ -231,7 +257,7 @@ def _same_source_cog(
 
     """
     recorded, profile = _recorded_tags(objects, key, env)
-    if recorded is None or profile != profile_fingerprint(collection):
+    if recorded is None or profile != fingerprint:
         return None, None
     cancel = threading.Event()
     source_hash = pool.submit(_sha256_object, objects, source_key, cancel)
@@ -259,6 +285,7 @@ def _make_cog(
     pool: ThreadPoolExecutor,
     source_sha256: str | None,
     limits: LimitSettings,
+    fingerprint: str,
 ) -> tuple[Path, str, Future[tuple[str, int]]]:
     """Convert, stamp and validate the COG in ``work``; hash the source meanwhile if not known yet.
 
@@ -272,7 +299,7 @@ def _make_cog(
     source_hash = None if source_sha256 else pool.submit(_sha256_object, objects, source.key, cancel)
     placeholder = "pending-" + secrets.token_hex(28)
     try:
-        cog_path = _convert(product, collection, objects, source, env, work, placeholder, limits)
+        cog_path = _convert(product, collection, objects, source, env, work, placeholder, limits, fingerprint)
     except BaseException:
         cancel.set()
         raise
@@ -353,14 +380,26 @@ def _recorded_tags(objects: ObjectStore, key: str, env: dict[str, Any]) -> tuple
     return (source if source and len(source) == 64 else None), tags.get(PROFILE_TAG)
 
 
-def profile_fingerprint(collection: CollectionConfig) -> str:
-    """Short digest of the collection settings that shape a COG (profile, CRS, nodata, bands)."""
-    shape = {
-        "cog": collection.cog.model_dump(mode="json"),
+def profile_fingerprint(collection: CollectionConfig, product: Product | None = None) -> str:
+    """Short digest of what shapes a COG.
+
+    The collection settings (profile, CRS, nodata, bands) and, for a browse its report places, that
+    placement (geo-reference and reference system), so a corrected report rebuilds the COG.
+    """
+    cog = collection.cog.model_dump(mode="json")
+    if cog.get("gcp_transformer") == "auto":
+        del cog["gcp_transformer"]  # the default leaves the digests of earlier COGs as they were
+    shape: dict[str, Any] = {
+        "cog": cog,
         "target_crs": collection.target_crs,
         "nodata": repr(collection.nodata),
         "bands": collection.bands,
     }
+    if product is not None and product.georeference is not None and placed_by_report(product.georeference):
+        shape["placement"] = {
+            "georeference": product.georeference.model_dump(mode="json"),
+            "reference_system": product.crs_hint,
+        }
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -382,10 +421,12 @@ def _convert(
     work: Path,
     placeholder: str,
     limits: LimitSettings,
+    fingerprint: str,
 ) -> Path:
     """Write the COG into ``work`` (with a placeholder source checksum) and return its path.
 
-    The source is checked (files inside the store, limits, scratch space) before GDAL reads pixels.
+    The source is checked (files inside the store, limits, placement, scratch space) before GDAL
+    reads pixels. A source placed by GCPs is first warped into ``work`` (see :class:`_GcpWarp`).
     """
     label = f"{product.collection}/{product.id}"
     where = f"product {label}: source {product.source_key!r}"
@@ -398,12 +439,20 @@ def _convert(
         try:
             with rasterio.open(objects.gdal_path(source.key)) as src:
                 _check_confined(objects, src, where)
-                _check_georeferencing(src, where)
                 _check_limits(src.width, src.height, src.count, limits, where)
-                target = _target_crs(collection, src.crs)
-                width, height = _output_size(src, target, limits, where)
+                placement, placing = _placement(product, src, label, where)
+                target = _target_crs(collection, placement.crs, DEFAULT_PLACED_CRS if placing else None)
+                warp = _GcpWarp.plan(placement, target, collection, src, label, placing) if placing else None
+                width, height = _output_size(placement, src.width, src.height, target, warp, limits, where)
                 needed, upper = _scratch_estimate(
-                    src, collection, width, height, source.size, options, target
+                    src,
+                    collection,
+                    width,
+                    height,
+                    source.size,
+                    options,
+                    target if warp is None else warp.crs.to_string(),
+                    scratch_copy=warp is not None,
                 )
                 check_space(work, needed, label, what)
                 rasterio.shutil.copy(src, vrt_path, driver="VRT")
@@ -414,16 +463,23 @@ def _convert(
                 raise space_error(work, needed, label, what) from e
             raise RasterError(f"{where} is not a readable raster: {e}") from e
         try:
-            _edit_vrt(vrt_path, collection, where, placeholder)
+            if placing:
+                _place_vrt(vrt_path, placement, label, placing)
+            _edit_vrt(vrt_path, collection, where, placeholder, fingerprint)
         except OSError as e:
             if is_out_of_space(e):
                 raise space_error(work, needed, label, what) from e
             raise StorageError(f"{where}: cannot write {vrt_path}: {e}") from e
-        if target is not None:
-            options["TARGET_SRS"] = target
+        if target is not None or warp is not None:
+            if warp is None:
+                options["TARGET_SRS"] = cast(str, target)
             options["WARP_RESAMPLING"] = collection.cog.warp_resampling.upper()
+        _categorical_options(vrt_path, options)
+        cog_source = vrt_path
+        if warp is not None:
+            cog_source = warp.run(vrt_path, work, options.pop("WARP_RESAMPLING"), needed, upper, what)
         try:
-            rasterio.shutil.copy(vrt_path, cog_path, driver="COG", **options)
+            rasterio.shutil.copy(cog_source, cog_path, driver="COG", **options)
         except CPLE_HttpResponseError as e:
             raise TransientStorageError(f"{where} could not be read: {e}") from e
         except _GDAL_ERRORS as e:
@@ -484,16 +540,34 @@ def _check_limits(width: int, height: int, count: int, limits: LimitSettings, wh
         )
 
 
-def _output_size(src: Any, target: str | None, limits: LimitSettings, where: str) -> tuple[int, int]:
-    """Width and height of the COG: the source's, or its reprojection's (checked against limits)."""
-    if target is None:
-        return int(src.width), int(src.height)
+def _output_size(
+    placement: Placement,
+    width: int,
+    height: int,
+    target: str | None,
+    warp: _GcpWarp | None,
+    limits: LimitSettings,
+    where: str,
+) -> tuple[int, int]:
+    """Width and height of the COG: the source's, its reprojection's or its GCP warp's.
+
+    A reprojection or warp is checked against the limits.
+    """
+    if warp is not None:
+        width, height = warp.width, warp.height
+        _check_limits(width, height, 1, limits, f"{where} warped by its GCPs to {warp.crs}")
+        return width, height
+    if target is None or placement.transform is None:
+        return width, height
     try:
-        _, width, height = calculate_default_transform(src.crs, target, src.width, src.height, *src.bounds)
+        bounds = array_bounds(height, width, placement.transform)
+        _, out_width, out_height = calculate_default_transform(
+            placement.crs, target, width, height, bounds[0], bounds[1], bounds[2], bounds[3]
+        )
     except _GDAL_ERRORS:
-        return int(src.width), int(src.height)  # the conversion itself reports what is wrong
-    _check_limits(int(width), int(height), 1, limits, f"{where} reprojected to {target}")
-    return int(width), int(height)
+        return width, height  # the conversion itself reports what is wrong
+    _check_limits(int(out_width), int(out_height), 1, limits, f"{where} reprojected to {target}")
+    return int(out_width), int(out_height)
 
 
 def _scratch_estimate(
@@ -504,17 +578,26 @@ def _scratch_estimate(
     source_size: int,
     options: dict[str, str],
     target: str | None,
+    *,
+    scratch_copy: bool = False,
 ) -> tuple[int, int]:
     """Bytes the conversion writes to scratch: an estimate and an upper bound.
 
     The upper bound is the uncompressed output plus a third for overviews, twice when reprojecting
     (GDAL writes a warped copy first). A compressed output is estimated from the source's size.
+    ``scratch_copy``: the source is warped by its GCPs into an uncompressed copy first, which stays
+    on scratch while the COG is written (``target`` is then the CRS it is warped to).
     """
     bands = len(collection.bands) if collection.bands else int(src.count)
     if target is not None and src.nodata is None and collection.nodata is None:
         bands += 1  # GDAL adds an alpha band when warping data without nodata
     itemsize = max(np.dtype(d).itemsize for d in src.dtypes)
     raw = width * height * bands * itemsize
+    if scratch_copy:
+        cog = raw + raw // 3
+        if options.get("COMPRESS", "NONE").upper() == "NONE":
+            return raw + cog, raw + cog
+        return raw + min(cog, 2 * source_size), raw + cog
     copies = 2 if target is not None else 1
     upper = (raw + raw // 3) * copies
     if options.get("COMPRESS", "NONE").upper() == "NONE":
@@ -522,27 +605,215 @@ def _scratch_estimate(
     return min(upper, 2 * source_size * copies), upper
 
 
-def _check_georeferencing(src: Any, where: str) -> None:
+def _placement(product: Product, src: Any, label: str, where: str) -> tuple[Placement, str | None]:
+    """Where the source lies, and what placing it means when it is not its own geotransform.
+
+    A browse report's ``rectifiedBrowse``, ``footprint`` or ``regularGrid`` wins over whatever the
+    file holds; otherwise the file's geotransform and CRS, else its GCPs and their CRS.
+
+    Returns:
+        The placement, and a phrase saying how it was made (for messages) when it came from the
+        report or from GCPs; None when it is the file's own geotransform.
+
+    Raises:
+        RasterError: the report's geo-reference cannot place the image, or the file has no CRS or
+            neither a geotransform nor GCPs.
+
+    """
+    georeference = product.georeference
+    if georeference is not None and placed_by_report(georeference):
+        placing = (
+            f"placing browse {product.source_key!r} from report georeference {georeference.kind} "
+            f"(reference system {product.crs_hint or 'EPSG:4326 (none given)'})"
+        )
+        try:
+            return report_placement(georeference, product.crs_hint, int(src.width), int(src.height)), placing
+        except PlacementError as e:
+            raise RasterError(f"product {label}: {placing}: {e}") from e
+    if not src.transform.is_identity:
+        if src.crs is None:
+            raise RasterError(f"{where} has no CRS")
+        return Placement(crs=src.crs, transform=src.transform), None
+    gcps, gcp_crs = src.gcps
+    if gcps:
+        placing = f"placing {product.source_key!r} by its {len(gcps)} GCPs"
+        if gcp_crs is None:
+            raise RasterError(f"product {label}: {placing}: the GCPs have no CRS")
+        return file_gcps_placement(gcps, gcp_crs), placing
     if src.crs is None:
-        raise RasterError(f"{where} has no CRS")
-    if src.transform.is_identity:
-        raise RasterError(f"{where} has no geotransform")
+        raise RasterError(f"{where} has no CRS, no geotransform and no GCPs, and no browse report places it")
+    raise RasterError(f"{where} has no geotransform and no GCPs")
 
 
-def _target_crs(collection: CollectionConfig, source_crs: CRS) -> str | None:
-    """The CRS to reproject to, or None when the collection keeps the source's CRS."""
-    if not collection.target_crs:
+def _place_vrt(vrt_path: Path, placement: Placement, label: str, placing: str) -> None:
+    """Give the VRT the placement (replacing the file's own georeferencing)."""
+    try:
+        with rasterio.open(vrt_path, "r+") as vrt:
+            if placement.uses_gcps:
+                vrt.gcps = (list(placement.gcps), placement.crs)
+            else:
+                vrt.crs = placement.crs
+                vrt.transform = placement.transform
+    except _GDAL_ERRORS as e:
+        raise RasterError(f"product {label}: {placing}: GDAL refused the placement: {e}") from e
+    tree = ET.parse(vrt_path)
+    root = tree.getroot()
+    dropped = ("GeoTransform", "SRS") if placement.uses_gcps else ("GCPList",)
+    for element in [e for e in root if e.tag in dropped]:
+        root.remove(element)
+    tree.write(vrt_path, encoding="utf-8")
+
+
+_RESAMPLING = {r.name.replace("_", ""): r for r in Resampling}
+
+
+@dataclasses.dataclass(frozen=True)
+class _GcpWarp:
+    """How a source placed by GCPs is warped: CRS and grid of the result, GCP transformer."""
+
+    crs: CRS
+    transform: Affine
+    width: int
+    height: int
+    method: GcpMethod
+    label: str
+    placing: str
+
+    @classmethod
+    def plan(
+        cls,
+        placement: Placement,
+        target: str | None,
+        collection: CollectionConfig,
+        src: Any,
+        label: str,
+        placing: str,
+    ) -> _GcpWarp | None:
+        """The warp of a GCP placement (None for a placement by geotransform).
+
+        Raises:
+            RasterError: the GCPs cannot be fitted, or GDAL cannot tell where they put the image.
+
+        """
+        if not placement.uses_gcps:
+            return None
+        crs = CRS.from_user_input(target) if target is not None else placement.crs
+        try:
+            method = gcp_method(placement.gcps, collection.cog.gcp_transformer)
+        except PlacementError as e:
+            raise RasterError(f"product {label}: {placing}: {e}") from e
+        try:
+            transform, width, height = calculate_default_transform(
+                placement.crs,
+                crs,
+                int(src.width),
+                int(src.height),
+                gcps=list(placement.gcps),
+                **transformer_options(method),
+            )
+        except _GDAL_ERRORS as e:
+            raise RasterError(
+                f"product {label}: {placing}: GDAL cannot tell where the GCPs ({method}) put the image "
+                f"in {crs}: {e}"
+            ) from e
+        return cls(crs, transform, int(width), int(height), method, label, placing)
+
+    def run(self, vrt_path: Path, work: Path, resampling: str, needed: int, upper: int, what: str) -> Path:
+        """Warp the VRT into a tiled, uncompressed GeoTIFF in ``work`` and return its path.
+
+        GDAL warps in chunks within its warp memory limit. The copy keeps the VRT's metadata (the
+        checksum placeholder included), band descriptions, colours and nodata; data without nodata
+        gets an alpha band, as GDAL's COG driver adds when it reprojects.
+
+        Raises:
+            ScratchSpaceError: the scratch disk filled up.
+            RasterError: GDAL failed to warp the source.
+
+        """
+        path = work / "warped.tif"
+        try:
+            with rasterio.open(vrt_path) as src:
+                self._warp(src, path, _RESAMPLING[resampling.lower()])
+        except CPLE_HttpResponseError as e:
+            raise TransientStorageError(
+                f"product {self.label}: {self.placing}: source could not be read: {e}"
+            ) from e
+        except _GDAL_ERRORS as e:
+            if is_out_of_space(e):
+                raise space_error(work, max(needed, upper), self.label, what) from e
+            raise RasterError(
+                f"product {self.label}: {self.placing}: warping with the GCPs ({self.method}) to "
+                f"{self.crs} failed: {e}"
+            ) from e
+        return path
+
+    def _warp(self, src: Any, path: Path, resampling: Resampling) -> None:
+        interp = list(src.colorinterp)
+        alpha = next((i for i, c in enumerate(interp, 1) if c == ColorInterp.alpha), 0)
+        add_alpha = src.nodata is None and not alpha
+        count = int(src.count) + (1 if add_alpha else 0)
+        profile: dict[str, Any] = {
+            "driver": "GTiff",
+            "width": self.width,
+            "height": self.height,
+            "count": count,
+            "dtype": np.result_type(*src.dtypes).name,
+            "crs": self.crs,
+            "transform": self.transform,
+            "nodata": src.nodata,
+            "tiled": True,
+            "blockxsize": 512,
+            "blockysize": 512,
+            "BIGTIFF": "IF_SAFER",
+        }
+        bands = [b for b in range(1, int(src.count) + 1) if b != alpha]
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.update_tags(**src.tags())
+            for b in range(1, int(src.count) + 1):
+                dst.update_tags(b, **src.tags(b))
+                if src.descriptions[b - 1]:
+                    dst.set_band_description(b, src.descriptions[b - 1])
+                if src.units[b - 1]:
+                    dst.set_band_unit(b, src.units[b - 1])
+            dst.scales, dst.offsets = (
+                src.scales + (1.0,) * (count - src.count),
+                src.offsets + (0.0,) * (count - src.count),
+            )
+            dst.colorinterp = [*interp, ColorInterp.alpha] if add_alpha else interp
+            with contextlib.suppress(ValueError):
+                dst.write_colormap(1, src.colormap(1))
+            reproject(
+                rasterio.band(src, bands),
+                rasterio.band(dst, bands),
+                resampling=resampling,
+                src_nodata=src.nodata,
+                dst_nodata=src.nodata,
+                src_alpha=alpha,
+                dst_alpha=count if add_alpha else alpha,
+                **transformer_options(self.method),
+            )
+
+
+def _target_crs(collection: CollectionConfig, source_crs: CRS, default: str | None = None) -> str | None:
+    """The CRS to reproject to, or None when the result keeps the source's CRS.
+
+    The collection's ``target_crs``, else ``default`` (the CRS placed rasters are warped to).
+    """
+    wanted = collection.target_crs or default
+    if not wanted:
         return None
     try:
-        target = CRS.from_user_input(collection.target_crs)
-    except RasterioError as e:
+        target = CRS.from_user_input(wanted)
+    except RasterioError as e:  # only a configured target_crs can be invalid
         raise ConfigError(
             f"collection {collection.id!r}: invalid target_crs {collection.target_crs!r}"
         ) from e
-    return None if target == source_crs else collection.target_crs
+    return None if target == source_crs else wanted
 
 
-def _edit_vrt(vrt_path: Path, collection: CollectionConfig, where: str, placeholder: str) -> None:
+def _edit_vrt(
+    vrt_path: Path, collection: CollectionConfig, where: str, placeholder: str, fingerprint: str
+) -> None:
     """Select bands, set nodata and add the source checksum placeholder in the VRT GDAL wrote."""
     tree = ET.parse(vrt_path)
     root = tree.getroot()
@@ -573,8 +844,45 @@ def _edit_vrt(vrt_path: Path, collection: CollectionConfig, where: str, placehol
         if item.get("key") in (SOURCE_SHA256_TAG, PROFILE_TAG):
             metadata.remove(item)
     ET.SubElement(metadata, "MDI", key=SOURCE_SHA256_TAG).text = placeholder
-    ET.SubElement(metadata, "MDI", key=PROFILE_TAG).text = profile_fingerprint(collection)
+    ET.SubElement(metadata, "MDI", key=PROFILE_TAG).text = fingerprint
     tree.write(vrt_path, encoding="utf-8")
+
+
+def _categorical_options(vrt_path: Path, options: dict[str, str]) -> None:
+    """Convert paletted data as categorical, whatever the profile says.
+
+    A band with a colour table holds class indices: averaging or interpolating them makes classes
+    the source never had. Its overviews (and its reprojection) are resampled with nearest, unless
+    the profile already asks for nearest or mode, and overviews the source brings are rebuilt. GDAL
+    keeps the colour table in the COG, but a GeoTIFF colour table has no alpha: a band without
+    nodata whose table has a fully transparent entry gets the first such entry as nodata.
+
+    Raises:
+        StorageError: the VRT cannot be rewritten.
+
+    """
+    tree = ET.parse(vrt_path)
+    bands = [b for b in tree.getroot().findall("VRTRasterBand") if b.find("ColorTable") is not None]
+    if not bands:
+        return
+    options["OVERVIEWS"] = "IGNORE_EXISTING"
+    for name in ("OVERVIEW_RESAMPLING", "WARP_RESAMPLING"):
+        if name in options and options[name] not in ("NEAREST", "MODE"):
+            options[name] = "NEAREST"
+    transparent = {
+        band: next((i for i, e in enumerate(band.iter("Entry")) if e.get("c4") == "0"), None)
+        for band in bands
+        if band.find("NoDataValue") is None
+    }
+    if not any(index is not None for index in transparent.values()):
+        return
+    for band, index in transparent.items():
+        if index is not None:
+            ET.SubElement(band, "NoDataValue").text = str(index)
+    try:
+        tree.write(vrt_path, encoding="utf-8")
+    except OSError as e:
+        raise StorageError(f"cannot write {vrt_path}: {e}") from e
 
 
 def _copy_element(element: ET.Element) -> ET.Element:

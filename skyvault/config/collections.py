@@ -26,6 +26,9 @@ class CogProfile(BaseModel):
     level: int | None = Field(None, ge=1, le=22)
     bigtiff: Literal["YES", "NO", "IF_NEEDED", "IF_SAFER"] = "IF_SAFER"
     categorical: bool = False
+    #: How a raster placed by GCPs is warped: GDAL's polynomial, a thin-plate spline through every
+    #: GCP, or ``auto``: the polynomial when it passes within half a pixel of every GCP, else the spline.
+    gcp_transformer: Literal["auto", "polynomial", "tps"] = "auto"
 
     @model_validator(mode="after")
     def _categorical_resampling(self) -> CogProfile:
@@ -54,7 +57,21 @@ class CogProfile(BaseModel):
 
 
 class RenderConfig(BaseModel):
-    """How tiles of a collection are rendered with rio-tiler."""
+    """How tiles of a collection are rendered with rio-tiler.
+
+    What is set is used as given; what is left unset gets a default per COG:
+
+    - ``bands``: every band for one or three bands (alpha bands only mask: grey + alpha, RGB +
+      alpha), the first of two, the first three of four or more (e.g. RGB of RGB + near infrared).
+    - ``rescale`` and ``colormap`` (both unset): one band with a colour table is shown through
+      that table (its nodata stays transparent); 8-bit data as it is; other data is stretched
+      linearly per band, from the lowest minimum to the highest maximum of the ``raster:bands``
+      statistics of the layer's items (or, for items without them, of the COGs' smallest
+      overviews). Setting either one renders exactly as configured: ``rescale`` maps its ranges to
+      0..255, then ``colormap`` (a rio-tiler colormap name) colours one band.
+
+    Paletted COGs are warped with nearest resampling, whatever the collection's ``warp_resampling``.
+    """
 
     model_config = ConfigDict(extra="forbid")
 

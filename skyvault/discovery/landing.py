@@ -9,10 +9,11 @@ read with the collection's ``pattern_kind``. Browse reports (``*.xml``) and ``/n
 the raster with the same stem next to it. Dot-files and GDAL ``*.aux.xml`` files are ignored.
 
 A product id is the browse identifier, else the sidecar's ``name``, else the raster's file stem,
-and must be a safe id. Anything that cannot become a product is a :class:`DiscoveryFailure` naming
-the key; one bad report never stops the others: whatever goes wrong reading one report or sidecar
-(too large or too deep for ``limits``, malformed, unreadable, a link out of the store) fails only
-the products it concerns. Results are sorted, so a re-run over the same
+and must be a safe id. A browse's product carries the report's geo-reference and reference
+system, by which preprocess places the image. Anything that cannot become a product is a
+:class:`DiscoveryFailure` naming the key; one bad report never stops the others: whatever goes
+wrong reading one report or sidecar (too large or too deep for ``limits``, malformed, unreadable, a
+link out of the store) fails only the products it concerns. Results are sorted, so a re-run over the same
 objects gives the same answer.
 """
 
@@ -49,7 +50,7 @@ from skyvault.errors import (
 )
 from skyvault.ids import product_id_from_name
 from skyvault.items import utc
-from skyvault.models import Discovery, DiscoveryFailure, ObjectInfo, Product
+from skyvault.models import Discovery, DiscoveryFailure, GeoReference, ObjectInfo, Product
 from skyvault.storage.store import ObjectStore, check_key, open_store
 
 LANDING = "landing/"
@@ -196,6 +197,7 @@ class _Claim:
     start_datetime: dt.datetime | None = None
     end_datetime: dt.datetime | None = None
     crs_hint: str | None = None
+    georeference: GeoReference | None = None
     properties: dict[str, Any] = field(default_factory=dict)
 
 
@@ -264,6 +266,7 @@ def _report_claims(collection: str, report: BrowseReport, out: _Described) -> No
                 start_datetime=browse.start,
                 end_datetime=browse.end,
                 crs_hint=browse.reference_system,
+                georeference=browse.georeference,
                 properties={k: v for k, v in properties.items() if v is not None},
             )
         )
@@ -362,6 +365,7 @@ def _product(collection: str, raster_key: str, claim: _Claim | None) -> Product:
         start_datetime=claim.start_datetime,
         end_datetime=claim.end_datetime,
         crs_hint=claim.crs_hint,
+        georeference=claim.georeference,
         properties=claim.properties,
     )
 

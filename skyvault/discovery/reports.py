@@ -1,7 +1,9 @@
 """Sidecar reports that describe products: ngEO browse reports (XML) and ``/newitem`` JSON sidecars.
 
-Browse reports are parsed with defusedxml with DTDs forbidden, so entity expansion, external
-entities and document type declarations are refused before anything is expanded or fetched.
+Browse reports are read bare (``rep:browseReport``) or wrapped in the browse server's ingestion
+request (``bsi:ingestBrowse``). They are parsed with defusedxml with DTDs forbidden, so entity
+expansion, external entities and document type declarations are refused before anything is
+expanded or fetched.
 Reports and sidecars larger or nested deeper than the configured limits (``limits.*``) are refused
 before they are parsed (JSON) or as soon as the parser reaches the limit (XML).
 A report-level problem (unsafe or malformed XML, wrong root, no browse) is a :class:`ReportError`
@@ -27,12 +29,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from skyvault.config.settings import LimitSettings
 from skyvault.errors import ReportError, ReportLimitError
 from skyvault.items import utc
+from skyvault.models import GeoReference, GeoReferenceKind
 
 NS_BROWSE_REPORT = "http://ngeo.eo.esa.int/ngEO/browseReport/1.0"
 NS_BROWSE_REPORT_OLD = "http://ngeo.eo.esa.int/schema/browseReport"
 NAMESPACES = (NS_BROWSE_REPORT, NS_BROWSE_REPORT_OLD)
+#: Namespace of the browse server's ingestion request, ``bsi:ingestBrowse``, which wraps a report.
+NS_BROWSE_INGESTION = "http://ngeo.eo.esa.int/schema/browse/ingestion"
 
-GeoReferenceKind = Literal["rectifiedBrowse", "footprint", "regularGrid", "modelInGeotiff"]
 GEOREFERENCE_KINDS: tuple[GeoReferenceKind, ...] = (
     "rectifiedBrowse",
     "footprint",
@@ -43,41 +47,6 @@ GEOREFERENCE_KINDS: tuple[GeoReferenceKind, ...] = (
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class GeoReference(_Model):
-    """How a browse image is placed on the ground, numbers as given in the report.
-
-    ``rectifiedBrowse``: ``coords`` holds the 4 numbers of ``coordList`` (two corners).
-    ``footprint``: ``col_rows`` (``colRowList``) and ``coords`` (``coordList``) hold matching
-    pixel / coordinate pairs. ``regularGrid``: the node counts and steps, and ``coords`` holds every
-    ``coordList`` row concatenated. ``modelInGeotiff``: the raster's own georeferencing, no numbers.
-    """
-
-    kind: GeoReferenceKind
-    coords: tuple[float, ...] = ()
-    col_rows: tuple[float, ...] = ()
-    node_number: int | None = None
-    col_node_number: int | None = None
-    row_node_number: int | None = None
-    col_step: float | None = None
-    row_step: float | None = None
-
-    def summary(self) -> dict[str, Any]:
-        """A short JSON-ready form for product properties (grid coordinates are left out)."""
-        out: dict[str, Any] = {"kind": self.kind}
-        if self.kind == "rectifiedBrowse":
-            out["coordList"] = list(self.coords)
-        elif self.kind == "footprint":
-            out["nodeNumber"] = len(self.coords) // 2
-            out["colRowList"] = list(self.col_rows)
-            out["coordList"] = list(self.coords)
-        elif self.kind == "regularGrid":
-            out["colNodeNumber"] = self.col_node_number
-            out["rowNodeNumber"] = self.row_node_number
-            out["colStep"] = self.col_step
-            out["rowStep"] = self.row_step
-        return out
 
 
 class Browse(_Model):
@@ -346,8 +315,41 @@ def _parse_xml(data: bytes, source: str, limits: LimitSettings) -> Element:
         raise ReportError(f"browse report {source!r} is not well-formed XML: {e}") from e
 
 
+def _split_tag(tag: str) -> tuple[str, str]:
+    ns, _, local = tag[1:].partition("}") if tag.startswith("{") else ("", "", tag)
+    return ns, local
+
+
+def _report_root(root: Element, source: str) -> tuple[Element, str]:
+    """The element holding the report's header and browses, and the report namespace it uses.
+
+    A ``bsi:ingestBrowse`` request either wraps a ``browseReport`` element or, as the browse
+    server's requests do, holds the report's elements (``dateTime``, ``browse``, ...) directly.
+    """
+    ns, local = _split_tag(root.tag)
+    if local == "browseReport" and ns in NAMESPACES:
+        return root, ns
+    if local == "ingestBrowse" and ns == NS_BROWSE_INGESTION:
+        children = [(child, *_split_tag(child.tag)) for child in root if isinstance(child.tag, str)]
+        wrapped = [(c, n) for c, n, name in children if name == "browseReport" and n in NAMESPACES]
+        if len(wrapped) == 1:
+            return wrapped[0]
+        inner = sorted({n for _, n, _ in children if n in NAMESPACES})
+        if not wrapped and len(inner) == 1:
+            return root, inner[0]
+        raise ReportError(
+            f"browse report {source!r}: ingestBrowse must hold one browse report (a browseReport "
+            f"element or its elements in namespace {NS_BROWSE_REPORT} or {NS_BROWSE_REPORT_OLD})"
+        )
+    raise ReportError(
+        f"browse report {source!r}: root element is {root.tag!r}, expected browseReport in "
+        f"namespace {NS_BROWSE_REPORT} or {NS_BROWSE_REPORT_OLD}, or ingestBrowse in namespace "
+        f"{NS_BROWSE_INGESTION}"
+    )
+
+
 def parse_browse_report(data: bytes, source: str, *, limits: LimitSettings | None = None) -> BrowseReport:
-    """Parse an ngEO browse report safely.
+    """Parse an ngEO browse report safely (also when wrapped in a ``bsi:ingestBrowse`` request).
 
     Args:
         data: the report's bytes.
@@ -356,17 +358,12 @@ def parse_browse_report(data: bytes, source: str, *, limits: LimitSettings | Non
 
     Raises:
         ReportError: the XML is unsafe (DTD, entities, external references), malformed, not a
-            ``rep:browseReport`` in a known namespace, has a bad ``dateTime`` or no browse.
+            ``rep:browseReport`` in a known namespace (bare or in a ``bsi:ingestBrowse``), has a
+            bad ``dateTime`` or no browse.
         ReportLimitError: the report is larger or nested deeper than ``limits`` allow.
 
     """
-    root = _parse_xml(data, source, limits or LimitSettings())
-    ns, _, local = root.tag[1:].partition("}") if root.tag.startswith("{") else ("", "", root.tag)
-    if local != "browseReport" or ns not in NAMESPACES:
-        raise ReportError(
-            f"browse report {source!r}: root element is {root.tag!r}, expected browseReport in "
-            f"namespace {NS_BROWSE_REPORT} or {NS_BROWSE_REPORT_OLD}"
-        )
+    root, ns = _report_root(_parse_xml(data, source, limits or LimitSettings()), source)
     date_text = _text(root, ns, "dateTime")
     try:
         date_time = parse_time(date_text) if date_text else None

@@ -5,20 +5,20 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
-from skyvault.config.settings import get_settings
-from skyvault.errors import IngestFailedError
+from skyvault.config.settings import StoreSettings, get_settings
+from skyvault.errors import IngestFailedError, SkyvaultError
 from skyvault.flows.process import process_product
 from skyvault.models import Discovery, IngestSummary, Product, ProductOutcome, ProductStatus
-from skyvault.status import needs_processing
+from skyvault.status import changed_since_done, needs_processing, read_status
 from skyvault.tasks.catalog import find_existing_items
 from skyvault.tasks.discovery import discover, products_from_report
 from skyvault.tasks.status import read_statuses
@@ -88,7 +88,8 @@ def select_products(
     skipped: list[ProductOutcome] = []
     for product in discovery.products:
         key = (product.collection, product.id)
-        if needs_processing(statuses.get(key), key in registered, replace=replace, seed_tiles=seed_tiles):
+        status, digest = statuses.get(key), product.digest()
+        if needs_processing(status, key in registered, replace=replace, seed_tiles=seed_tiles, digest=digest):
             todo.append(product)
         else:
             skipped.append(
@@ -102,27 +103,53 @@ def select_products(
     return todo, skipped
 
 
-def outcome_of(product: Product, state: State[Any]) -> ProductOutcome:
-    """The summary line of one finished ``process-product`` run, from its final state."""
+def outcome_of(product: Product, state: State[Any], recorded: ProductStatus | None = None) -> ProductOutcome:
+    """The summary line of one finished ``process-product`` run, from its final state.
+
+    A run that ended without its own outcome (it crashed, or failed before its first step) gets
+    the step from ``recorded``, the product's status record, when that record was written by
+    this very run: the step it was in when it stopped.
+    """
     data = state.result(raise_on_failure=False)
     if isinstance(data, ProductOutcome):
         return data
     text = str(data) if isinstance(data, BaseException) else (state.message or state.name or "failed")
     label = f"{product.collection}/{product.id}"
+    run_id = state.state_details.flow_run_id
+    step = None
+    if recorded is not None and run_id is not None and recorded.flow_run_id == str(run_id):
+        step = recorded.step
+    if step and not text.startswith(f"{step}:"):
+        text = f"{step}: {text}"
     return ProductOutcome(
         collection=product.collection,
         product_id=product.id,
         state="failed",
-        message=text if product.id in text else f"product {label}: {text}",
+        step=step,
+        message=text if label in text or repr(product.id) in text else f"product {label}: {text}",
     )
 
 
-def _run_one(product: Product, replace: bool, seed_tiles: bool, slot: _Slot) -> ProductOutcome:
+def _record_of(product: Product, store: StoreSettings | None) -> ProductStatus | None:
+    """The product's status record, or None when there is none or it cannot be read."""
+    if store is None:
+        return None
+    try:
+        return read_status(product.collection, product.id, store)
+    except SkyvaultError:
+        return None
+
+
+def _run_one(
+    product: Product, replace: bool, seed_tiles: bool, slot: _Slot, store: StoreSettings | None = None
+) -> ProductOutcome:
     """Run process-product for one product (inside a copy of the ingest run's context)."""
     _SLOT.set(slot)
     try:
         state = _process_product(product, replace=replace, seed_tiles=seed_tiles, return_state=True)
-        return outcome_of(product, state)
+        data = state.result(raise_on_failure=False)
+        recorded = None if isinstance(data, ProductOutcome) else _record_of(product, store)
+        return outcome_of(product, state, recorded)
     except Exception as e:  # noqa: BLE001 - the run could not even start: this product fails alone
         return ProductOutcome(
             collection=product.collection,
@@ -135,13 +162,22 @@ def _run_one(product: Product, replace: bool, seed_tiles: bool, slot: _Slot) -> 
 
 
 def run_products(
-    products: Iterable[Product], *, replace: bool, seed_tiles: bool, window: int
+    products: Iterable[Product],
+    *,
+    replace: bool,
+    seed_tiles: bool,
+    window: int,
+    store: StoreSettings | None = None,
+    changed: Collection[tuple[str, str]] = (),
 ) -> Iterator[ProductOutcome]:
     """Run ``process-product`` for each product, at most ``window`` at a time, as subflows.
 
     A slot frees as soon as any product's run ends (no head-of-line blocking), and products are
     taken from ``products`` only as slots free, so a large backlog streams through. Yields one
-    outcome per product, in completion order; never raises for a product's failure.
+    outcome per product, in completion order; never raises for a product's failure. With
+    ``store``, a run that ended without its own outcome is given the step its status record
+    names (see :func:`outcome_of`). Products whose ``(collection, id)`` is in ``changed`` are
+    processed as a replace.
     """
     slots = threading.Semaphore(window)
     # twice the window: a thread whose run has ended may still be in Prefect's teardown
@@ -154,7 +190,8 @@ def run_products(
             yield from (f.result() for f in finished)
             slot = _Slot(slots)
             context = contextvars.copy_context()
-            running.add(pool.submit(context.run, _run_one, product, replace, seed_tiles, slot))
+            again = replace or (product.collection, product.id) in changed
+            running.add(pool.submit(context.run, _run_one, product, again, seed_tiles, slot, store))
             slot.started.wait()
         for future in as_completed(running):
             yield future.result()
@@ -207,8 +244,27 @@ def ingest(
         if done:
             registered = find_existing_items(done, settings.catalog, settings.store)
     todo, outcomes = select_products(discovery, registered, statuses, replace=replace, seed_tiles=seed_tiles)
+    # described differently since it was done (a corrected report): rebuilt and re-seeded as a replace
+    changed = {
+        (p.collection, p.id)
+        for p in todo
+        if changed_since_done(statuses.get((p.collection, p.id)), p.digest())
+    }
+    if changed:
+        get_run_logger().info(
+            "%d product(s) changed since they were done, processed again as a replace: %s",
+            len(changed),
+            ", ".join(f"{c}/{i}" for c, i in sorted(changed)),
+        )
     outcomes.extend(
-        run_products(todo, replace=replace, seed_tiles=seed_tiles, window=settings.concurrency.products)
+        run_products(
+            todo,
+            replace=replace,
+            seed_tiles=seed_tiles,
+            window=settings.concurrency.products,
+            store=settings.store,
+            changed=changed,
+        )
     )
     outcomes.extend(
         ProductOutcome(

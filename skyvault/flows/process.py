@@ -16,7 +16,6 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
 from skyvault.config.settings import Settings, get_settings
-from skyvault.errors import SkyvaultError
 from skyvault.flows.seed import run_seed
 from skyvault.models import Product, ProductOutcome, ProductStatus, SeedRequest, StatusState
 from skyvault.status import now, write_status
@@ -32,6 +31,7 @@ class _Recorder:
         self.product = product
         self.settings = settings
         self.run_id = str(flow_run.id) if flow_run.id else None
+        self.digest = product.digest()
 
     def write(self, state: StatusState, step: str, message: str = "", **outputs: Any) -> None:
         write_status(
@@ -42,6 +42,7 @@ class _Recorder:
                 step=step,
                 message=message,
                 flow_run_id=self.run_id,
+                product_digest=self.digest,
                 updated_at=now(),
                 **outputs,
             ),
@@ -52,7 +53,8 @@ class _Recorder:
 def _naming(product: Product, exc: BaseException) -> str:
     """The error's message, prefixed with the product when it does not name it already."""
     text = str(exc) or type(exc).__name__
-    return text if product.id in text else f"product {product.collection}/{product.id}: {text}"
+    label = f"{product.collection}/{product.id}"
+    return text if label in text or repr(product.id) in text else f"product {label}: {text}"
 
 
 @flow(name="process-product", flow_run_name="process-product/{product.collection}/{product.id}")
@@ -118,7 +120,7 @@ def process_product(
         logger.error("failed at %s: %s", step, message, exc_info=True)
         try:
             status.write("failed", step, message)
-        except SkyvaultError as w:
+        except Exception as w:  # noqa: BLE001 - the outcome below still carries the failure
             logger.warning("the failure of %s could not be recorded: %s", product.id, w)
         failed = ProductOutcome(
             collection=product.collection, product_id=product.id, state="failed", step=step, message=message

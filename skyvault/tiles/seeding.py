@@ -8,7 +8,9 @@ store lock ``locks/tiles/<collection>/<time-key>`` of each layer it renders.
 
 Rendering goes block by block: a block of tiles of one zoom, up to ``BLOCK_PIXELS`` px square, is
 warped in one read (rio-tiler's grid, ``WarpedVRT`` options and masks), mosaicked and cut into
-tiles; 8-bit PNG tiles are encoded by :mod:`skyvault.tiles.png`, others by rio-tiler.
+tiles; 8-bit PNG tiles are encoded by :mod:`skyvault.tiles.png`, others by rio-tiler. What the
+collection's ``render`` leaves unset gets a default (see :class:`_Style`): a COG's colour table,
+8-bit data as it is, other data stretched from the layer's statistics.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 import rasterio
 import shapely
 from rasterio.dtypes import dtype_ranges
-from rasterio.enums import Resampling
+from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
@@ -36,7 +38,7 @@ from rio_tiler.errors import NoOverviewWarning, RioTilerError
 from rio_tiler.io import Reader
 from rio_tiler.models import ImageData
 from rio_tiler.reader import Options
-from rio_tiler.utils import get_vrt_transform, has_alpha_band, normalize_bounds
+from rio_tiler.utils import get_vrt_transform, has_alpha_band, non_alpha_indexes, normalize_bounds
 from shapely.geometry import Polygon, box, shape
 from shapely.geometry.base import BaseGeometry
 
@@ -50,6 +52,7 @@ from skyvault.errors import (
 )
 from skyvault.items import bbox_parts, interval_overlaps, item_interval
 from skyvault.models import BBox, ItemRef, SeedChunk, SeedRequest, SeedResult
+from skyvault.stac.item import band_statistics
 from skyvault.storage.store import ObjectStore, open_store
 from skyvault.tiles.png import encodable, encode_png
 
@@ -68,6 +71,8 @@ BLOCK_PIXELS = 1024
 MIN_CHUNK_TILES = 64
 
 Tile = tuple[int, int, int]
+#: A value range per band, ``(minimum, maximum)``.
+Ranges = Sequence[tuple[float, float]]
 
 
 # --- keys -----------------------------------------------------------------------------------------
@@ -247,6 +252,44 @@ def _selected(item: dict[str, Any], request: SeedRequest) -> bool:
     return interval_overlaps(item_interval(item), request.start, request.end)
 
 
+def _raster_bands(item: dict[str, Any]) -> list[Any]:
+    """The ``raster:bands`` of the item's COG asset (``data``, else the first asset that has them)."""
+    assets = item.get("assets")
+    if not isinstance(assets, dict):
+        return []
+    for name in ("data", *sorted(assets)):
+        asset = assets.get(name)
+        bands = asset.get("raster:bands") if isinstance(asset, dict) else None
+        if isinstance(bands, list):
+            return bands
+    return []
+
+
+def band_ranges(items: Iterable[dict[str, Any]]) -> tuple[tuple[float, float] | None, ...]:
+    """Per COG band, the lowest minimum and highest maximum of the items' band statistics.
+
+    Read from ``raster:bands`` (as register writes them); None for a band no item has finite
+    statistics for.
+    """
+    ranges: list[tuple[float, float] | None] = []
+    for item in items:
+        for i, band in enumerate(_raster_bands(item)):
+            while len(ranges) <= i:
+                ranges.append(None)
+            stats = band.get("statistics") if isinstance(band, dict) else None
+            if not isinstance(stats, dict):
+                continue
+            try:
+                lo, hi = float(stats["minimum"]), float(stats["maximum"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+                continue
+            known = ranges[i]
+            ranges[i] = (lo, hi) if known is None else (min(known[0], lo), max(known[1], hi))
+    return tuple(ranges)
+
+
 def _union_bounds(parts: Iterable[BaseGeometry]) -> BBox | None:
     bounds = [p.bounds for p in parts if not p.is_empty]
     if not bounds:
@@ -306,7 +349,8 @@ def plan_seed(
 
     A chunk holds at most ``chunk_size`` tiles, in whole blocks (the tiles one read renders, see
     :func:`block_side`); a layer is split into about ``min_chunks`` chunks of equal size when it
-    has enough tiles, so that that many renderers share it evenly.
+    has enough tiles, so that that many renderers share it evenly. Every chunk of a layer carries
+    the layer's band ranges (see :func:`band_ranges`), so all of its tiles share one stretch.
 
     Raises:
         InvalidSeedRequestError: the request names another collection, a bad zoom range or
@@ -341,6 +385,7 @@ def plan_seed(
     chunks: list[SeedChunk] = []
     for layer in sorted(set(layers) | set(former)):
         members = sorted(layers[layer], key=lambda m: (_item_id(m[0]), _cog_key(m[0], collection.id)))
+        ranges = band_ranges(item for item, _ in members)
         regions: list[BaseGeometry] = [p.intersection(a) for p in former[layer] for a in area]
         for item, parts in members:
             if _selected(item, request):
@@ -372,6 +417,7 @@ def plan_seed(
                     max_zoom=hi,
                     index=index,
                     total=len(groups),
+                    band_ranges=ranges,
                 )
             )
     return chunks
@@ -418,9 +464,138 @@ def _colormap(collection: CollectionConfig) -> Any:
         raise ConfigError(f"collection {collection.id!r}: unknown colormap {name!r}") from e
 
 
-def _resampling(collection: CollectionConfig) -> str:
-    name = "nearest" if collection.cog.categorical else collection.cog.warp_resampling
+def _resampling(collection: CollectionConfig, paletted: bool) -> str:
+    """How a COG is warped for tiles: nearest for categorical or paletted data."""
+    name = "nearest" if collection.cog.categorical or paletted else collection.cog.warp_resampling
     return _RESAMPLING.get(name, name)
+
+
+def _default_bands(dataset: Any) -> tuple[int, ...] | None:
+    """The bands shown when the collection names none (alpha bands only mask).
+
+    None (all of them) for one or three bands, the first of two, the first three of more.
+    """
+    bands = non_alpha_indexes(dataset)
+    if len(bands) == 2:
+        return (bands[0],)
+    if len(bands) > 3:
+        return tuple(bands[:3])
+    return None
+
+
+def _shown_bands(reader: Reader, collection: CollectionConfig) -> Sequence[int] | None:
+    """The collection's bands, else the default ones of the COG (None: every non-alpha band)."""
+    if collection.render.bands:
+        return collection.render.bands
+    return _default_bands(_dataset(reader))
+
+
+def _paletted(dataset: Any, band: int) -> bool:
+    """Whether ``band`` of the dataset holds indices into a colour table."""
+    return bool(0 < band <= dataset.count and dataset.colorinterp[band - 1] == ColorInterp.palette)
+
+
+def _dataset(reader: Reader) -> Any:
+    """The reader's open dataset."""
+    if reader.dataset is None:
+        raise ValueError(f"{reader.input} is not open")
+    return reader.dataset
+
+
+def _overview_ranges(ds: Any, nodata: float | None) -> dict[int, tuple[float, float]]:
+    """Per band, the minimum and maximum of the COG's smallest overview (bands without data left out)."""
+    factor = max(ds.overviews(1), default=1)
+    shape = (ds.count, math.ceil(ds.height / factor), math.ceil(ds.width / factor))
+    sample = ds.read(out_shape=shape, masked=True)
+    if nodata is not None:
+        sample = np.ma.masked_where(
+            np.isnan(sample.data) if math.isnan(nodata) else sample.data == nodata, sample
+        )
+    out: dict[int, tuple[float, float]] = {}
+    for band in range(ds.count):
+        stats = band_statistics(sample[band])
+        if stats.minimum is not None and stats.maximum is not None:
+            out[band + 1] = (float(stats.minimum), float(stats.maximum))
+    return out
+
+
+class _Style:
+    """How a chunk's pixel values become colours.
+
+    A collection that sets ``render.rescale`` or ``render.colormap`` is rendered exactly so.
+    Otherwise: one band with a colour table through that table (of the chunk's first COG); 8-bit
+    data as it is; other data stretched per band from the layer's ``chunk.band_ranges``, or for a
+    band without them from the smallest overviews of the chunk's COGs (read once per chunk).
+    """
+
+    def __init__(
+        self, readers: _Readers, chunk: SeedChunk, collection: CollectionConfig, colormap: Any
+    ) -> None:
+        self._readers = readers
+        self._chunk = chunk
+        self._collection = collection
+        render = collection.render
+        self._configured = bool(render.rescale or render.colormap)
+        self._colormap = colormap
+        self._defaults: dict[tuple[str, int], tuple[Ranges | None, Any]] = {}
+        self._measured: dict[int, tuple[float, float]] | None = None
+
+    def look(self, data: np.ndarray) -> tuple[Ranges | None, Any]:
+        """The value ranges to rescale ``data`` from (None: as it is) and the colormap to apply.
+
+        Raises:
+            TilingError: a COG's colour table or statistics cannot be read (names collection and COG).
+
+        """
+        if self._configured:
+            return self._collection.render.rescale, self._colormap
+        key = (data.dtype.str, int(data.shape[0]))
+        if key not in self._defaults:
+            self._defaults[key] = self._default(data.dtype, key[1])
+        return self._defaults[key]
+
+    def _failed(self, key: str, e: Exception) -> TilingError:
+        return TilingError(
+            f"collection {self._collection.id!r}: cannot read the colours or statistics of COG {key!r}: {e}"
+        )
+
+    def _default(self, dtype: np.dtype, count: int) -> tuple[Ranges | None, Any]:
+        key = self._chunk.cog_keys[0]
+        try:
+            reader = self._readers.get(key)
+            ds = _dataset(reader)
+            shown = list(_shown_bands(reader, self._collection) or non_alpha_indexes(ds))
+            if count == 1 and _paletted(ds, shown[0]):
+                return None, ds.colormap(shown[0])
+        except (RasterioError, RioTilerError, ValueError, OSError) as e:
+            raise self._failed(key, e) from e
+        if dtype == np.uint8:
+            return None, None
+        return [self._range(band) for band in shown[:count]], None
+
+    def _range(self, band: int) -> tuple[float, float]:
+        known = self._chunk.band_ranges
+        found = known[band - 1] if band <= len(known) else None
+        if found is None:
+            found = self._measure().get(band)
+        lo, hi = found or (0.0, 1.0)
+        if hi <= lo:  # a constant band shows mid-grey
+            lo, hi = lo - 0.5, lo + 0.5
+        return lo, hi
+
+    def _measure(self) -> dict[int, tuple[float, float]]:
+        if self._measured is None:
+            self._measured = {}
+            for key in self._chunk.cog_keys:
+                try:
+                    reader = self._readers.get(key)
+                    ranges = _overview_ranges(_dataset(reader), _nodata(reader, self._collection))
+                except (RasterioError, RioTilerError, ValueError, OSError) as e:
+                    raise self._failed(key, e) from e
+                for band, (lo, hi) in ranges.items():
+                    old = self._measured.get(band)
+                    self._measured[band] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+        return self._measured
 
 
 def _existing(store: ObjectStore, chunk: SeedChunk, fmt: str) -> set[str]:
@@ -546,8 +721,6 @@ def _read_block(
     Per band and pixel the first COG (in ``chunk.cog_keys`` order) with a valid value wins, as
     with rio-tiler's ``FirstMethod``; reading stops once every pixel is filled.
     """
-    render = collection.render
-    resampling = _resampling(collection)
     data: np.ndarray | None = None
     masked: np.ndarray | None = None
     for key in chunk.cog_keys:
@@ -555,7 +728,12 @@ def _read_block(
             reader = readers.get(key)
             if not _covers(reader, block.bounds):
                 continue
-            pixels = _warp(reader, block, render.bands, resampling, _nodata(reader, collection))
+            bands = _shown_bands(reader, collection)
+            ds = _dataset(reader)
+            resampling = _resampling(
+                collection, _paletted(ds, bands[0] if bands else non_alpha_indexes(ds)[0])
+            )
+            pixels = _warp(reader, block, bands, resampling, _nodata(reader, collection))
             if pixels is None:
                 img = reader.part(
                     block.bounds,
@@ -564,7 +742,7 @@ def _read_block(
                     height=block.height,
                     width=block.width,
                     max_size=None,
-                    indexes=render.bands,
+                    indexes=bands,
                     resampling_method=resampling,
                     reproject_method=resampling,
                 )
@@ -636,17 +814,18 @@ class _Encoder:
 
 
 def _render_block(
-    readers: _Readers, chunk: SeedChunk, collection: CollectionConfig, block: _Block, colormap: Any
+    readers: _Readers, chunk: SeedChunk, collection: CollectionConfig, block: _Block, style: _Style
 ) -> list[tuple[Tile, bytes | None]]:
     """Each tile of the block, encoded, or None where no source pixel falls in it."""
     pixels = _read_block(readers, chunk, collection, block) if chunk.cog_keys else None
     if pixels is None:
         return [(tile, None) for tile in block.tiles]
     data, masked = pixels
+    rescale, colormap = style.look(data)
     try:
-        if collection.render.rescale:
+        if rescale:
             img = ImageData(np.ma.MaskedArray(data, mask=_per_band(masked, data.shape)))
-            img.rescale(in_range=collection.render.rescale)
+            img.rescale(in_range=rescale)
             data, masked = img.array.data, np.ma.getmaskarray(img.array)
         encoder = _Encoder(data, masked, collection, colormap)
         return [(tile, encoder.encode(block.window(tile))) for tile in block.tiles]
@@ -668,7 +847,9 @@ def render_chunk(
 
     Each tile is the first-valid mosaic of the chunk's COGs, transparent where no source has
     data. Tiles without any valid pixel are not written (with ``force``, a stale one is deleted).
-    The tiles of one block (see :func:`block_side`) are read as one image and cut up.
+    The tiles of one block (see :func:`block_side`) are read as one image and cut up. Colours
+    follow the collection's ``render`` settings, with defaults for what it leaves unset (see
+    :class:`~skyvault.config.collections.RenderConfig`).
 
     Raises:
         TilingError: a COG cannot be opened or a tile cannot be rendered (names collection, tile
@@ -689,9 +870,10 @@ def render_chunk(
     todo = [tile for tile in chunk.tiles if force or keys[tile] not in existing]
     written = empty = 0
     with rasterio.Env(**objects.gdal_env()), _Readers(objects, collection) as readers:
+        style = _Style(readers, chunk, collection, colormap)
         for tiles in _blocks(todo, block_side(collection)):
             block = _Block(tiles, collection.render.tile_size)
-            for tile, data in _render_block(readers, chunk, collection, block, colormap):
+            for tile, data in _render_block(readers, chunk, collection, block, style):
                 key = keys[tile]
                 if data is None:
                     empty += 1

@@ -57,16 +57,6 @@ def cog_path(store: StoreSettings, info: CogInfo) -> Path:
     return store.root / info.key
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> StoreSettings:
-    return StoreSettings(root=tmp_path / "store")
-
-
-@pytest.fixture
-def scratch(tmp_path: Path) -> Path:
-    return tmp_path / "scratch"
-
-
 def run(product: Product, collection: CollectionConfig, store: StoreSettings, scratch: Path, **kw) -> CogInfo:
     info = preprocess_product(product, collection, store, scratch, **kw)
     assert list(scratch.iterdir()) == [], "the scratch folder is cleaned"

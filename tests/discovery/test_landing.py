@@ -534,3 +534,52 @@ def test_links_out_of_a_local_store_fail_their_product_naming_the_key(
     single = products_from_report(local, collections(), "landing/scenes/LINKED_1.json")
     assert single.products == []
     assert "'landing/scenes/LINKED_1.json'" in single.failures[0].message
+
+
+def test_underscore_leading_ids_are_products_and_unsafe_ones_still_fail(local: StoreSettings) -> None:
+    put(
+        local,
+        {
+            "landing/scenes/_plain.tif": b"x",
+            "landing/scenes/b.tif": b"x",
+            "landing/scenes/b.xml": report(browse("b.tif", RECTIFIED, identifier="_B_20260601")),
+            "landing/scenes/c.tif": b"x",
+            "landing/scenes/c.xml": report(browse("c.tif", identifier="..")),
+            "landing/scenes/d.tif": b"x",
+            "landing/scenes/d.xml": report(browse("d.tif", identifier="_/d")),
+            "landing/scenes/-dash.tif": b"x",
+        },
+    )
+    found = discover(local, collections())
+    assert [p.id for p in found.products] == ["_B_20260601", "_plain"]
+    messages = {f.key: f.message for f in found.failures}
+    assert "'..'" in messages["landing/scenes/c.xml"]
+    assert "'_/d'" in messages["landing/scenes/d.xml"]
+    assert "'-dash'" in messages["landing/scenes/-dash.tif"]
+    assert len(found.failures) == 3
+
+
+def test_browse_products_carry_their_placement(local: StoreSettings) -> None:
+    put(
+        local,
+        {
+            "landing/scenes/a.tif": b"x",
+            "landing/scenes/b.tif": b"x",
+            "landing/scenes/r.xml": report(
+                browse("a.tif", FOOTPRINT, identifier="A", rsi="EPSG: 32631"),
+                browse("b.tif", identifier="B"),
+            ),
+        },
+    )
+    products = by_id(discover(local, collections()))
+    a = products["A"]
+    assert a.crs_hint == "EPSG:32631"
+    assert a.georeference is not None
+    assert a.georeference.kind == "footprint"
+    assert a.georeference.col_rows == (0, 0, 255, 0, 255, 255, 0, 255, 0, 0)
+    assert a.georeference.coords == (46, 10, 46, 11, 45, 11, 45, 10, 46, 10)
+    b = products["B"]
+    assert b.georeference is not None
+    assert b.georeference.kind == "modelInGeotiff"
+    # the placement survives the trip through a task parameter or a COG record
+    assert Product.model_validate_json(a.model_dump_json()) == a

@@ -354,3 +354,58 @@ def test_oversized_sidecar_and_report_fail_naming_the_limit() -> None:
     with pytest.raises(ReportLimitError, match=r"browse report 'landing/c/r\.xml' is \d+ bytes"):
         parse_browse_report(big_report, "landing/c/r.xml", limits=small)
     assert parse_newitem(big_item, "landing/dem/x.json").properties["padding"] == "x" * 2000
+
+
+NS_INGESTION = "http://ngeo.eo.esa.int/schema/browse/ingestion"
+
+
+def test_a_report_wrapped_for_browse_server_ingestion_is_read() -> None:
+    plain = report(browse("a.jpg", FOOTPRINT, identifier="_A"))
+    inner = plain.decode().split("?>", 1)[1]
+    wrapped = f'<bsi:ingestBrowse xmlns:bsi="{NS_INGESTION}">{inner}</bsi:ingestBrowse>'.encode()
+    # the browse server's own requests hold the report's elements directly
+    body = inner.split(">", 1)[1].rsplit("</rep:browseReport>", 1)[0]
+    direct = (
+        f'<bsi:ingestBrowse xmlns:bsi="{NS_INGESTION}" xmlns:rep="{NS_BROWSE_REPORT_OLD}">'
+        f"{body}</bsi:ingestBrowse>"
+    ).encode()
+
+    expected = parse_browse_report(plain, "r.xml")
+    for data in (wrapped, direct):
+        parsed = parse_browse_report(data, "r.xml")
+        assert parsed.browses == expected.browses
+        assert parsed.status == "success"
+        assert (parsed.responsible_org_name, parsed.browse_type) == ("ESA", "OPTICAL")
+    assert parse_browse_report(wrapped, "r.xml").namespace == NS_BROWSE_REPORT
+    assert parse_browse_report(direct, "r.xml").namespace == NS_BROWSE_REPORT_OLD
+
+
+_TWO_REPORTS = report(browse("a.tif")).decode().split("?>", 1)[1] * 2
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        f'<bsi:ingestBrowse xmlns:bsi="{NS_INGESTION}"/>'.encode(),
+        f'<bsi:ingestBrowse xmlns:bsi="{NS_INGESTION}"><x:browseReport xmlns:x="http://example.com"/>'
+        "</bsi:ingestBrowse>".encode(),
+        f'<bsi:ingestBrowse xmlns:bsi="{NS_INGESTION}">{_TWO_REPORTS}</bsi:ingestBrowse>'.encode(),
+        b'<bsi:ingestBrowse xmlns:bsi="http://example.com/other"/>',
+    ],
+)
+def test_an_ingestion_request_without_one_report_names_the_report(data: bytes) -> None:
+    with pytest.raises(ReportError, match=r"browse report 'r\.xml'.*ingestBrowse"):
+        parse_browse_report(data, "r.xml")
+
+
+def test_wrapped_reports_keep_the_safety_limits() -> None:
+    inner = report(browse("a.tif")).decode().split("?>", 1)[1]
+    data = f'<bsi:ingestBrowse xmlns:bsi="{NS_INGESTION}">{inner}</bsi:ingestBrowse>'.encode()
+    with pytest.raises(ReportLimitError, match="max_nesting_depth"):
+        parse_browse_report(data, "r.xml", limits=LimitSettings(max_nesting_depth=3))
+    entity = (
+        b'<?xml version="1.0"?><!DOCTYPE bsi:ingestBrowse [<!ENTITY a "aaaa">]>'
+        + f'<bsi:ingestBrowse xmlns:bsi="{NS_INGESTION}">&a;</bsi:ingestBrowse>'.encode()
+    )
+    with pytest.raises(ReportError, match="refused"):
+        parse_browse_report(entity, "r.xml")

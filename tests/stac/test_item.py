@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 import rasterio.shutil
+from affine import Affine
 from pyproj import Transformer
 from rasterio.transform import from_origin
 from shapely.geometry import MultiPolygon, Point, shape
@@ -339,3 +340,162 @@ def test_validator_rejects_broken_items(utm_cog: CogInfo, store: StoreSettings) 
     del no_asset_href["assets"]["data"]["href"]
     with pytest.raises(CatalogError, match="scene-1"):
         validate_item(no_asset_href)
+
+
+# --- whole-Earth, off-disk, south-up and non-Earth rasters ---------------------------------------
+
+GEOS_HALF_WIDTH = 5_570_000.0  # a little beyond the disk on every side: the corners are in space
+
+
+def _geos(sweep: str) -> str:
+    return f"+proj=geos +h=35785831 +lon_0=0 +sweep={sweep} +ellps=WGS84 +units=m +no_defs"
+
+
+def _visible_extent(crs: str) -> tuple[float, float, float, float]:
+    """Lon/lat extent of the Earth seen in ``crs``, from a dense grid of points through PROJ."""
+    xs = np.linspace(-GEOS_HALF_WIDTH, GEOS_HALF_WIDTH, 3001)
+    x, y = np.meshgrid(xs, xs)
+    lon, lat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(x, y)
+    on = np.isfinite(lon) & np.isfinite(lat)
+    return float(lon[on].min()), float(lat[on].min()), float(lon[on].max()), float(lat[on].max())
+
+
+def _assert_valid_with_bbox(item: dict[str, object]) -> None:
+    geom = shape(item["geometry"])
+    assert geom.is_valid
+    bbox = item["bbox"]
+    assert isinstance(bbox, list)
+    if bbox[0] <= bbox[2]:
+        assert np.allclose(geom.bounds, bbox, atol=1e-6)
+    validate_item(item)
+
+
+@pytest.mark.parametrize("sweep", ["x", "y"])
+@pytest.mark.parametrize("with_nodata", [True, False])
+def test_geostationary_full_disk_gets_the_visible_disk(
+    tmp_path: Path, store: StoreSettings, sweep: str, with_nodata: bool
+) -> None:
+    crs = _geos(sweep)
+    n = 400
+    size = 2 * GEOS_HALF_WIDTH / n
+    transform = from_origin(-GEOS_HALF_WIDTH, GEOS_HALF_WIDTH, size, size)
+    centres = (np.arange(n) + 0.5) * size - GEOS_HALF_WIDTH
+    x, y = np.meshgrid(centres, -centres)
+    lon, _ = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(x, y)
+    data = np.full((n, n), 200, dtype="uint8")
+    if with_nodata:  # space is nodata, as in a real full-disk product
+        data[~np.isfinite(lon)] = 0
+    src = write_raster(
+        tmp_path / "disk.tif", data, crs=crs, transform=transform, nodata=0 if with_nodata else None
+    )
+    item = build_item(product(), put_cog(src, store, "scenes", "scene-1", tmp_path), COLLECTION, store)
+
+    _assert_valid_with_bbox(item)
+    west, south, east, north = _visible_extent(crs)
+    assert west < -81.0  # the limb seen from 35786 km
+    assert east > 81.0
+    assert np.allclose(item["bbox"], [west, south, east, north], atol=0.75)
+    geom = shape(item["geometry"])
+    assert geom.covers(Point(0.0, 0.0))
+    assert geom.covers(Point(75.0, 0.0))
+    assert geom.covers(Point(0.0, -75.0))
+    assert not geom.intersects(Point(85.0, 0.0))
+    assert not geom.intersects(Point(-120.0, 10.0))
+
+
+def test_global_raster_with_holes_keeps_them(tmp_path: Path, store: StoreSettings) -> None:
+    data = np.full((90, 180), 9, dtype="uint8")  # 2 degree pixels over -180..180, -90..90
+    data[40:50, 174:178] = 0  # lon 168..176, lat -10..10, next to the antimeridian
+    data[20:30, 80:90] = 0  # lon -20..0, lat 30..50
+    data[60:70, 0:3] = 0  # a notch on the western edge: lon -180..-174, lat -50..-30
+    src = write_raster(tmp_path / "world.tif", data, transform=from_origin(-180, 90, 2, 2), nodata=0)
+    item = build_item(product(), put_cog(src, store, "scenes", "scene-1", tmp_path), COLLECTION, store)
+
+    _assert_valid_with_bbox(item)
+    assert item["bbox"] == [-180.0, -90.0, 180.0, 90.0]
+    geom = shape(item["geometry"])
+    for lon, lat in [(172.0, 5.0), (-10.0, 40.0), (-177.0, -40.0)]:
+        assert not geom.intersects(Point(lon, lat)), (lon, lat)
+    for lon, lat in [(179.0, 5.0), (165.0, 5.0), (0.0, 0.0), (-179.0, 20.0), (-170.0, -40.0)]:
+        assert geom.covers(Point(lon, lat)), (lon, lat)
+    assert geom.area == pytest.approx(360 * 180 - (8 * 20 + 20 * 20 + 6 * 20), rel=1e-6)
+
+
+def test_global_raster_in_0_to_360_longitudes(tmp_path: Path, store: StoreSettings) -> None:
+    data = np.full((90, 180), 9, dtype="uint8")  # 2 degree pixels over 0..360
+    data[40:50, 85:95] = 0  # lon 170..190: a hole across the antimeridian, lat -10..10
+    data[20:30, 40:50] = 0  # lon 80..100, lat 30..50
+    src = write_raster(tmp_path / "world360.tif", data, transform=from_origin(0, 90, 2, 2), nodata=0)
+    item = build_item(product(), put_cog(src, store, "scenes", "scene-1", tmp_path), COLLECTION, store)
+
+    _assert_valid_with_bbox(item)
+    assert item["bbox"] == [-180.0, -90.0, 180.0, 90.0]
+    geom = shape(item["geometry"])
+    for lon, lat in [(175.0, 5.0), (-175.0, 5.0), (90.0, 40.0)]:
+        assert not geom.intersects(Point(lon, lat)), (lon, lat)
+    for lon, lat in [(165.0, 5.0), (-165.0, 5.0), (179.5, 20.0), (0.0, 0.0), (-90.0, -60.0)]:
+        assert geom.covers(Point(lon, lat)), (lon, lat)
+    assert geom.area == pytest.approx(360 * 180 - 2 * 20 * 20, rel=1e-6)
+
+
+def test_south_up_raster_is_read_the_right_way_round(tmp_path: Path, store: StoreSettings) -> None:
+    data = np.full((20, 30), 5, dtype="uint8")
+    data[:5, :] = 0  # the first 5 rows: the southern quarter of a south-up grid
+    south_up = Affine(0.1, 0.0, 10.0, 0.0, 0.1, 40.0)  # row 0 at lat 40, rows run north
+    src = write_raster(tmp_path / "south_up.tif", data, transform=south_up, nodata=0)
+    item = build_item(product(), put_cog(src, store, "scenes", "scene-1", tmp_path), COLLECTION, store)
+
+    _assert_valid_with_bbox(item)
+    assert item["bbox"] == pytest.approx([10.0, 40.5, 13.0, 42.0])
+    geom = shape(item["geometry"])
+    assert geom.covers(Point(11.0, 41.5))
+    assert not geom.intersects(Point(11.0, 40.2))
+    assert item["properties"]["proj:bbox"] == pytest.approx([10.0, 40.0, 13.0, 42.0])
+
+
+def test_polar_raster_footprint_covers_the_pole(tmp_path: Path, store: StoreSettings) -> None:
+    data = np.full((100, 100), 3, dtype="uint8")
+    data[48:52, 48:52] = 0  # nodata around the pole itself
+    src = write_raster(
+        tmp_path / "arctic.tif",
+        data,
+        crs="EPSG:3413",
+        transform=from_origin(-3_000_000, 3_000_000, 60_000, 60_000),
+        nodata=0,
+    )
+    item = build_item(product(), put_cog(src, store, "scenes", "scene-1", tmp_path), COLLECTION, store)
+
+    _assert_valid_with_bbox(item)
+    to_lonlat = Transformer.from_crs("EPSG:3413", "EPSG:4326", always_xy=True)
+    _, corner_lat = to_lonlat.transform(3_000_000, 3_000_000)
+    west, south, east, north = item["bbox"]
+    assert west == pytest.approx(-180.0, abs=0.1)
+    assert east == pytest.approx(180.0, abs=0.1)
+    assert south == pytest.approx(corner_lat, abs=0.2)
+    assert north == pytest.approx(90.0)
+    geom = shape(item["geometry"])
+    assert not geom.intersects(Point(0.0, 89.9))  # the hole over the pole
+    for lon in (-170.0, -45.0, 0.0, 100.0, 179.0):
+        assert geom.covers(Point(lon, 75.0)), lon
+    assert not geom.intersects(Point(0.0, 45.0))
+
+
+@pytest.mark.parametrize(
+    "crs",
+    ["IAU_2015:49900", "+proj=eqc +a=3396190 +b=3396190 +units=m +no_defs"],
+    ids=["iau-mars", "proj-mars-sphere"],
+)
+def test_raster_in_a_non_earth_crs_fails_naming_the_product(
+    tmp_path: Path, store: StoreSettings, crs: str
+) -> None:
+    src = write_raster(
+        tmp_path / "mars.tif",
+        np.full((1, 16, 16), 7, dtype="uint8"),
+        crs=crs,
+        transform=from_origin(100_000, 200_000, 1000, 1000),
+    )
+    cog = put_cog(src, store, "scenes", "olympus-1", tmp_path)
+    with pytest.raises(RasterError, match="olympus-1") as caught:
+        build_item(product("olympus-1"), cog, COLLECTION, store)
+    assert "not on the Earth" in str(caught.value)
+    assert "3396190" in str(caught.value)
