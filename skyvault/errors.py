@@ -198,3 +198,30 @@ class IngestFailedError(RunFailedError):
 
 class RegisterFailedError(RunFailedError):
     """No item of a bulk registration was written; ``summary`` is its ``RegisterReport``."""
+
+
+# --- the HTTP gateway -----------------------------------------------------------------------------
+
+
+class RequestError(InvalidRequestError):
+    """An HTTP request to the gateway is refused; ``field`` names the field at fault, when one is."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class RequestTooLargeError(RequestError):
+    """A request body is larger than ``gateway.max_body_bytes`` (or a report than its limit)."""
+
+
+class AuthenticationError(SkyvaultError):
+    """A gateway request carries no credentials or wrong ones."""
+
+
+class NotFoundError(SkyvaultError):
+    """A product, request or collection the gateway was asked about is not known; names it."""
+
+
+class OrchestratorError(SkyvaultError):
+    """The Prefect API failed or refused a call (server down, deployment not registered)."""

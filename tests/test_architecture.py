@@ -18,7 +18,14 @@ PACKAGE = Path(skyvault.__file__).parent
 DOMAIN_PACKAGES = ["storage", "discovery", "cog", "stac", "catalog", "tiles", "archive", "scicat"]
 #: Where Prefect may be imported: the orchestration layer, provisioning and the entry points. Every
 #: other module is the domain library, plus the settings model the domain library uses.
-ORCHESTRATION = ("skyvault.tasks", "skyvault.flows", "skyvault.config", "skyvault.cli", "skyvault.demo")
+ORCHESTRATION = (
+    "skyvault.tasks",
+    "skyvault.flows",
+    "skyvault.config",
+    "skyvault.cli",
+    "skyvault.demo",
+    "skyvault.gateway.prefect_runs",
+)
 PREFECT_FREE_CONFIG = ["skyvault.config.settings", "skyvault.config.collections"]
 
 #: The most statements a plain function in a tasks/ module may have (a name builder, a retry

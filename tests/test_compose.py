@@ -269,3 +269,27 @@ def test_every_secret_file_a_service_names_is_given_to_it(env: str) -> None:
             assert "file" in data["secrets"][secret], secret
         for secret in secret_names(service):
             assert secret in data["secrets"], f"service {name}: secret {secret} is not defined"
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_the_gateway_listens_on_loopback_with_its_credentials_as_secret_files(env: str) -> None:
+    data = compose(env)
+    gateway = data["services"]["gateway"]
+    cmd = command(gateway)
+    assert cmd[0] == "skyvault-api"
+    assert option(cmd, "--host") == LOOPBACK
+    port = option(cmd, "--port")
+    assert port == env_file(env)["GATEWAY_PORT"]
+    probe = " ".join(str(part) for part in gateway["healthcheck"]["test"])
+    assert f"http://{LOOPBACK}:{port}/health" in probe
+    gateway_env = environment(gateway)
+    for setting in (("gateway", "password"), ("gateway", "token")):
+        path = gateway_env[secret_file_env(setting)]
+        name = path.removeprefix("/run/secrets/")
+        assert name in secret_names(gateway), f"{setting}: {name} is not given to the gateway"
+        file = Path(data["secrets"][name]["file"])
+        assert (COMPOSE.parent / file).resolve().is_relative_to(DEPLOYMENT / "secrets" / env), file
+    assert gateway_env["SKYVAULT_GATEWAY__USERNAME"]
+    # its store settings come from what the config job provisioned
+    assert gateway_env["SKYVAULT_PREFECT_VARIABLES"] == "true"
+    assert gateway["depends_on"]["provision"]["condition"] == "service_completed_successfully"

@@ -49,6 +49,7 @@ DOCKERFILE = ROOT / "runtime.Dockerfile"
 EXPECTED = {
     ("ingest", "landing-zone"): "skyvault-ingest",
     ("ingest", "on-request"): "skyvault-ingest",
+    ("process-product", "on-request"): "skyvault-ingest",
     ("seed", "on-request"): "skyvault-ingest",
     ("archive", "on-request"): "skyvault-archival",
     ("retrieve", "on-request"): "skyvault-retrieval",
@@ -183,6 +184,7 @@ def test_every_flow_is_deployed_to_its_pool() -> None:
     assert deployed == EXPECTED
     assert {flow for flow, _ in deployed} == {
         "ingest",
+        "process-product",
         "seed",
         "archive",
         "retrieve",

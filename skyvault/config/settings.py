@@ -158,6 +158,25 @@ class DataCatalogSettings(BaseModel):
     backoff_seconds: float = Field(0.5, ge=0)
 
 
+class GatewaySettings(BaseModel):
+    """The HTTP gateway (``skyvault-api``) other systems call to start runs.
+
+    Callers authenticate with HTTP Basic (``username`` + ``password``) or a bearer ``token``;
+    both secrets come from files (``SKYVAULT_GATEWAY__PASSWORD_FILE``,
+    ``SKYVAULT_GATEWAY__TOKEN_FILE``) or Secret blocks, never from Prefect variables.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8600, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    #: Largest request body read; a larger one is refused (413) before or while it is read.
+    max_body_bytes: int = Field(16 * 1024**2, ge=1)
+
+
 #: The concurrency tags skyvault's tasks carry and their default limits (concurrent task runs per
 #: Prefect server). A configured ``concurrency.tag_limits`` overrides these one tag at a time.
 DEFAULT_TAG_LIMITS: dict[str, int] = {
@@ -247,6 +266,7 @@ class Settings(BaseSettings):
     concurrency: ConcurrencySettings = Field(default_factory=ConcurrencySettings)
     locks: LockSettings = Field(default_factory=LockSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     collections: dict[str, CollectionConfig] = Field(default_factory=dict)
 
     @field_validator("collections", mode="before")

@@ -297,6 +297,8 @@ def test_secret_paths_cover_every_secret_setting() -> None:
         ("data_catalog", "token"),
         ("catalog", "password"),
         ("catalog", "token"),
+        ("gateway", "password"),
+        ("gateway", "token"),
     }
 
 
