@@ -6,7 +6,7 @@ UV := $(PYTHON) -m uv
 RUN := $(UV) run --frozen
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo ui test setup setup-python setup-system lint typecheck pytest bench clean
+.PHONY: demo ui serve test setup setup-python setup-system lint typecheck pytest bench clean
 
 demo: setup-python ## make sample products and run ingest on local folders + a static catalog
 	PREFECT_HOME=$(CURDIR)/skyvault-data/prefect $(RUN) python -m skyvault.demo
@@ -17,6 +17,20 @@ ui: setup-python ## the Prefect UI on the demo's runs (PREFECT_HOME=skyvault-dat
 	@echo "Prefect UI on the demo's runs: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"
 	PREFECT_HOME=$(CURDIR)/skyvault-data/prefect $(RUN) prefect server start --host 127.0.0.1 --port $(UI_PORT)
 
+SERVE_PORT ?= 8600
+DEMO := $(CURDIR)/skyvault-data/demo
+
+serve: setup-python ## the gateway with its map on the demo's data (after make demo), on 127.0.0.1
+	@test -f $(DEMO)/skyvault.yaml || { echo "serve: no demo data yet, run make demo first" >&2; exit 1; }
+	@test -s $(DEMO)/gateway-password || (umask 077 && $(PYTHON) -c "import secrets; print(secrets.token_urlsafe(18))" > $(DEMO)/gateway-password)
+	@echo "Map of the demo's tiles and items: http://127.0.0.1:$(SERVE_PORT)/map  (Ctrl-C stops it)"
+	@echo "API user 'demo', password in $(DEMO)/gateway-password; run links open make ui's address"
+	PREFECT_HOME=$(CURDIR)/skyvault-data/prefect PREFECT_UI_URL=http://127.0.0.1:$(UI_PORT) \
+	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=180 \
+	SKYVAULT_CONFIG_FILE=$(DEMO)/skyvault.yaml SKYVAULT_GATEWAY__USERNAME=demo \
+	SKYVAULT_GATEWAY__PASSWORD_FILE=$(DEMO)/gateway-password \
+	$(RUN) skyvault-api --host 127.0.0.1 --port $(SERVE_PORT)
+
 test: setup-system setup-python lint typecheck pytest ## set up everything and pass the whole suite
 
 setup: setup-system setup-python
@@ -24,9 +38,10 @@ setup: setup-system setup-python
 setup-system: ## system packages the suite (PostgreSQL, Docker, debootstrap) and the benchmarks use (Debian)
 	@bash scripts/setup-system.sh
 
-setup-python: ## the locked Python environment in .venv
+setup-python: ## the locked Python environment in .venv, and the map page's Leaflet (npm registry)
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
 	$(UV) sync --frozen
+	@bash scripts/fetch-web-assets.sh
 
 lint:
 	$(RUN) ruff check skyvault tests bench
@@ -45,6 +60,8 @@ bench: setup ## compare against the reference tools; tables go to bench/out/ for
 	$(RUN) python -m bench.ingest --database sqlite
 	$(RUN) python -m bench.ingest --database postgres
 	$(RUN) python -m bench.register
+	$(RUN) python -m bench.gateway --database postgres
+	$(RUN) python -m bench.series --database postgres
 
 clean:
 	rm -rf skyvault-data .pytest_cache .mypy_cache .ruff_cache

@@ -232,6 +232,16 @@ def create_database(port: int, name: str) -> str:
     return f"postgresql://postgres@127.0.0.1:{port}/{name}"
 
 
+def drop_database(port: int, name: str) -> None:
+    """Drop database ``name`` of the cluster on ``port`` (its disk space goes back at once)."""
+    subprocess.run(
+        _as_postgres_user([str(_postgres_bin() / "dropdb"), "-h", "127.0.0.1", "-p", str(port), name]),
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+
+
 def copy_database(port: int, template: str, name: str) -> str:
     """A fresh database copied from ``template`` (pgstac and the collection, no item)."""
     subprocess.run(
@@ -401,6 +411,11 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a service started with ``start_new_session=True`` and what it started (by its id)."""
+    _stop_group(proc)
 
 
 def flow_env(api_url: str, **extra: str) -> dict[str, str]:

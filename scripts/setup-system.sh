@@ -11,6 +11,9 @@ compgen -G "/usr/share/postgresql/*/extension/postgis.control" >/dev/null || nee
 # the Docker end-to-end test: an engine it starts itself, and a base image made from Debian packages
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+# the map page: its library is downloaded from the npm registry, its test runs a headless browser
+command -v curl >/dev/null 2>&1 || need+=(curl ca-certificates)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "setup-system: need root to install ${need[*]}" >&2

@@ -8,6 +8,8 @@ Examples::
     skyvault retrieve ds-0042
     skyvault register --collection s2-l2a
     skyvault backup-catalog
+    skyvault ingest-samples office
+    skyvault seed-series office --start 2026-06-01T00:00:00Z --end 2026-07-01T00:00:00Z
 
 With ``PREFECT_API_URL`` set, the run goes to that Prefect server; otherwise each call starts a
 temporary local server for the run (about 20 s). Either way the command says which on stderr, and
@@ -88,6 +90,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dump", dest="dump_key", help="object key of the dump (default: the newest complete one)"
     )
+
+    p = sub.add_parser(
+        "ingest-samples", help="store a source's new sensor samples, then rebuild their series blocks"
+    )
+    p.add_argument("source")
+    p.add_argument("--key", dest="keys", action="append", help="only this sample file (repeatable)")
+    p.add_argument("--no-seed", dest="seed", action="store_false")
+
+    p = sub.add_parser("seed-series", help="build a source's reduced series blocks for a time interval (UTC)")
+    p.add_argument("source")
+    p.add_argument("--start", type=dt.datetime.fromisoformat, required=True)
+    p.add_argument("--end", type=dt.datetime.fromisoformat, required=True)
+    p.add_argument(
+        "--level", dest="levels", action="append", help="only this cache level, e.g. 60s (repeatable)"
+    )
     return parser
 
 
@@ -100,6 +117,8 @@ FLOWS: dict[str, tuple[str, str]] = {
     "register": ("register", "register"),
     "backup-catalog": ("backup", "backup_catalog"),
     "restore-catalog": ("backup", "restore_catalog"),
+    "ingest-samples": ("series", "ingest_samples"),
+    "seed-series": ("series", "seed_series"),
 }
 
 
@@ -156,6 +175,8 @@ def _run(name: str, args: dict[str, Any]) -> int:
         result = result.summary  # every part's outcome, as when only some failed
     if isinstance(result, BaseModel):
         print(json.dumps(result.model_dump(mode="json"), indent=2))
+    elif isinstance(result, list) and all(isinstance(r, BaseModel) for r in result):
+        print(json.dumps([r.model_dump(mode="json") for r in result], indent=2))
     elif isinstance(result, BaseException):
         print(f"{name} failed: {result}")
     failed = getattr(result, "failed", 0)

@@ -200,6 +200,57 @@ class RegisterFailedError(RunFailedError):
     """No item of a bulk registration was written; ``summary`` is its ``RegisterReport``."""
 
 
+# --- sensor time series --------------------------------------------------------------------------
+
+
+class SeriesError(SkyvaultError):
+    """A sensor time-series operation failed; names the source, and the file or block concerned."""
+
+
+class UnknownSeriesSourceError(SeriesError, UnknownCollectionError):
+    """A run names a series source that is not configured (``series.sources``)."""
+
+
+class SampleFileError(SeriesError):
+    """A whole sample file cannot be read (format, encoding, size); names the source, file and line."""
+
+
+class InvalidSampleError(SeriesError):
+    """One sample is invalid; names the source, file and line, and why. The file's other samples go in."""
+
+    def __init__(self, source: str, key: str, line: int, reason: str) -> None:
+        super().__init__(f"source {source!r}, file {key!r}, line {line}: {reason}")
+        self.source, self.key, self.line, self.reason = source, key, line, reason
+
+
+class SeriesDatabaseError(SeriesError):
+    """The sample database refused or failed a call; names the database and the source or file."""
+
+
+class TransientSeriesDatabaseError(SeriesDatabaseError, TransientError):
+    """The sample database could not be reached, or aborted a transaction that may succeed again."""
+
+
+class SeriesBlockError(SeriesError):
+    """A reduced series block cannot be written or read; names its key."""
+
+
+class SeriesReaderError(SeriesError):
+    """A source's reader command failed, timed out or wrote malformed CSV; names the source and range."""
+
+
+class SeriesRequestError(SeriesError, InvalidRequestError):
+    """A series read asks for something the source cannot serve; ``field`` names the parameter."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class SampleIngestFailedError(RunFailedError):
+    """No sample file of an ingest-samples run could be read; ``summary`` is its report."""
+
+
 # --- the HTTP gateway -----------------------------------------------------------------------------
 
 

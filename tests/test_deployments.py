@@ -58,6 +58,8 @@ EXPECTED = {
     ("register", "on-request"): "skyvault-ingest",
     ("backup-catalog", "nightly"): "skyvault-ingest",
     ("restore-catalog", "on-request"): "skyvault-ingest",
+    ("ingest-samples", "on-request"): "skyvault-ingest",
+    ("seed-series", "on-request"): "skyvault-ingest",
 }
 
 #: The environment variable that sets the landing-zone poll interval when deploying.
@@ -193,6 +195,8 @@ def test_every_flow_is_deployed_to_its_pool() -> None:
         "register",
         "backup-catalog",
         "restore-catalog",
+        "ingest-samples",
+        "seed-series",
     }
 
 

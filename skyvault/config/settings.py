@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from skyvault.config.collections import CollectionConfig
-from skyvault.errors import ConfigError, UnknownCollectionError
+from skyvault.errors import ConfigError, UnknownCollectionError, UnknownSeriesSourceError
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +175,169 @@ class GatewaySettings(BaseModel):
     token: SecretStr | None = None
     #: Largest request body read; a larger one is refused (413) before or while it is read.
     max_body_bytes: int = Field(16 * 1024**2, ge=1)
+    #: Whether the map page (``/map``: tiles, footprints, item links) is readable without
+    #: credentials; false puts it behind the same HTTP Basic / bearer check as the API.
+    public_map: bool = True
+
+
+#: The periods one series block may cover, aligned on UTC boundaries.
+SERIES_PERIODS = ("hourly", "daily", "monthly", "yearly")
+_RESOLUTION_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400}
+
+
+class SampleLimits(BaseModel):
+    """What a valid sensor sample of one source holds; a sample outside them is rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    co2_ppm_min: float = 0.0
+    co2_ppm_max: float = 10000.0
+    temperature_celsius_min: float = -20.0
+    temperature_celsius_max: float = 40.0
+    #: Decimals a temperature may carry (0.1 °C steps by default).
+    temperature_decimals: int = Field(1, ge=0, le=6)
+    rel_humidity_percent_min: float = 0.0
+    rel_humidity_percent_max: float = 100.0
+    statuses: tuple[str, ...] = ("M", "R", "E")
+
+
+class CacheLevel(BaseModel):
+    """One cache level of a source, ``resolution | period`` (e.g. ``60 s | daily``).
+
+    Bins of ``resolution_seconds`` (a divisor of an hour for hourly periods, of a day otherwise)
+    start at UTC period boundaries; one block holds one period.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    resolution_seconds: int = Field(gt=0)
+    period: Literal["hourly", "daily", "monthly", "yearly"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        resolution, sep, period = value.partition("|")
+        amount, _, unit = resolution.strip().partition(" ")
+        unit = unit.strip()
+        if not sep or unit not in _RESOLUTION_UNITS or not amount.isdigit():
+            raise ValueError(
+                f"cache level {value!r} is not '<n> <unit> | <period>' with unit one of "
+                f"{', '.join(_RESOLUTION_UNITS)} and period one of {', '.join(SERIES_PERIODS)}"
+            )
+        return {"resolution_seconds": int(amount) * _RESOLUTION_UNITS[unit], "period": period.strip()}
+
+    @model_validator(mode="after")
+    def _bins_fit_periods(self) -> CacheLevel:
+        span = 3600 if self.period == "hourly" else 86400
+        if span % self.resolution_seconds:
+            raise ValueError(
+                f"cache level resolution {self.resolution_seconds} s does not divide "
+                f"{'an hour' if span == 3600 else 'a day'}, so its bins would not start at {self.period} "
+                "period boundaries"
+            )
+        return self
+
+    @property
+    def name(self) -> str:
+        """The level's folder under ``series/<source>/``: the resolution in seconds, ``60s``."""
+        return f"{self.resolution_seconds}s"
+
+    def __str__(self) -> str:
+        return f"{self.resolution_seconds} s | {self.period}"
+
+
+class SeriesSource(BaseModel):
+    """One source of sensor samples: files under ``landing/samples/<id>/``, its limits and cache levels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    limits: SampleLimits = Field(default_factory=SampleLimits)
+    cache_levels: tuple[CacheLevel, ...] = Field(
+        default_factory=lambda: (
+            CacheLevel(resolution_seconds=60, period="daily"),
+            CacheLevel(resolution_seconds=3600, period="monthly"),
+        )
+    )
+    #: Statuses whose samples enter reduced series (all are stored); ``E`` (error) is left out.
+    reduce_statuses: tuple[str, ...] = ("M", "R")
+    #: A command that streams full-resolution samples instead of the sample database: its
+    #: arguments, ``{start}`` and ``{end}`` replaced by the range (ISO 8601 UTC, end exclusive); it
+    #: writes CSV with the samples' columns to stdout. Run without a shell.
+    reader: tuple[str, ...] | None = None
+    #: How long one reader run may take before it is killed and fails.
+    reader_timeout_seconds: float = Field(300.0, gt=0)
+    #: Most bytes of CSV one reader run may write; more kills it and fails.
+    reader_max_bytes: int = Field(256 * 1024**2, ge=1)
+
+    @model_validator(mode="after")
+    def _one_level_per_resolution(self) -> SeriesSource:
+        names = [level.name for level in self.cache_levels]
+        if len(set(names)) != len(names):
+            raise ValueError(f"series source {self.id!r}: two cache levels share a resolution ({names})")
+        if self.reader is not None and not self.reader:
+            raise ValueError(f"series source {self.id!r}: reader is an empty command")
+        return self
+
+
+class SeriesSettings(BaseModel):
+    """Sensor time series: the sample database, the sources and where blocks go.
+
+    ``database`` is ``sqlite`` (default: one local file at ``sqlite_path``, no server) or
+    ``postgresql`` at ``dsn`` (``postgresql://user@host:port/db``), its ``password`` given apart as
+    a secret (``SKYVAULT_SERIES__PASSWORD_FILE`` or the Secret block ``skyvault-series-password``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    database: Literal["sqlite", "postgresql"] = "sqlite"
+    sqlite_path: Path = Path("skyvault-data/series.sqlite3")
+    dsn: str | None = None
+    password: SecretStr | None = None
+    #: How long a writer waits for another's transaction (SQLite busy timeout, PostgreSQL connect).
+    busy_timeout_seconds: float = Field(60.0, gt=0)
+    landing_prefix: str = "landing/samples"
+    prefix: str = "series"
+    #: Largest sample file read; a larger one fails alone, naming this setting.
+    max_file_bytes: int = Field(512 * 1024**2, ge=1)
+    #: Blocks built by one seeding task (one database read per block, one lock per level).
+    blocks_per_task: int = Field(64, ge=1)
+    #: Most bins one read (``GET /series/<source>``) may answer, per node.
+    max_read_bins: int = Field(100_000, ge=1)
+    sources: dict[str, SeriesSource] = Field(default_factory=dict)
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _ids_from_keys(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: ({"id": k, **v} if isinstance(v, dict) else v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _postgresql_needs_dsn(self) -> SeriesSettings:
+        if self.database == "postgresql" and not self.dsn:
+            raise ValueError("series.database 'postgresql' needs series.dsn (SKYVAULT_SERIES__DSN)")
+        for key, source in self.sources.items():
+            if key != source.id:
+                raise ValueError(f"series source key {key!r} differs from its id {source.id!r}")
+        return self
+
+    def source(self, source_id: str) -> SeriesSource:
+        """The named source's config.
+
+        Raises:
+            UnknownSeriesSourceError: no source with that id is configured.
+
+        """
+        try:
+            return self.sources[source_id]
+        except KeyError:
+            known = ", ".join(sorted(self.sources)) or "none"
+            raise UnknownSeriesSourceError(
+                f"unknown series source {source_id!r} (configured: {known})"
+            ) from None
 
 
 #: The concurrency tags skyvault's tasks carry and their default limits (concurrent task runs per
@@ -267,6 +430,7 @@ class Settings(BaseSettings):
     locks: LockSettings = Field(default_factory=LockSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    series: SeriesSettings = Field(default_factory=SeriesSettings)
     collections: dict[str, CollectionConfig] = Field(default_factory=dict)
 
     @field_validator("collections", mode="before")

@@ -34,9 +34,11 @@ from skyvault.gateway.body import BodyLimitMiddleware, read_body
 from skyvault.gateway.browse import ReportAnswer, ReportRefusedError, submit_report
 from skyvault.gateway.items import NewItemRequest, StatusAnswer, all_statuses, request_status, submit_newitem
 from skyvault.gateway.jobs import JobRequest, start_job
+from skyvault.gateway.map import map_router
 from skyvault.gateway.payloads import json_object, validated
 from skyvault.gateway.products import ProductState, list_products, product_view, retry_product
 from skyvault.gateway.runs import Runs
+from skyvault.gateway.series import series_router
 from skyvault.storage.store import open_store
 
 log = logging.getLogger(__name__)
@@ -180,6 +182,8 @@ def create_app(settings: Settings, runs: Runs | None = None) -> FastAPI:
         return retry_product(collection, product_id, settings, store, prefect).model_dump(mode="json")
 
     app.include_router(api)
+    app.include_router(map_router(settings, store, prefect, None if settings.gateway.public_map else caller))
+    app.include_router(series_router(settings, store, prefect, caller))
     return app
 
 

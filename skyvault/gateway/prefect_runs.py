@@ -7,17 +7,30 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import FlowRunSort
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.settings import get_current_settings
 
 from skyvault.errors import OrchestratorError
 from skyvault.gateway.runs import RunInfo
 
 T = TypeVar("T")
+
+#: Connections kept to the Prefect API: one per thread of the server's pool for blocking handlers
+#: (Starlette's, 40 by default), so no request waits for a connection (Prefect's client allows 16)
+#: and none is opened and closed per call (Prefect's keeps 8 alive).
+API_CONNECTIONS = 40
+
+
+def _not_found(error: Exception) -> bool:
+    """Whether the API answered 404 (the object the call named does not exist)."""
+    if isinstance(error, ObjectNotFound):
+        return True
+    return isinstance(error, PrefectHTTPStatusError) and error.response.status_code == 404
 
 
 def _info(run: FlowRun) -> RunInfo:
@@ -37,8 +50,13 @@ class PrefectRuns:
     """One Prefect API client for the process, shared by every request."""
 
     def __init__(self, client: SyncPrefectClient | None = None) -> None:
-        self._client = client or get_client(sync_client=True)
+        limits = httpx.Limits(
+            max_connections=API_CONNECTIONS, max_keepalive_connections=API_CONNECTIONS, keepalive_expiry=25
+        )
+        self._client = client or get_client(httpx_settings={"limits": limits}, sync_client=True)
         self._entered = False
+        #: Deployment ids by ``<flow>/<deployment>``, looked up once (again when a start gets 404).
+        self._deployment_ids: dict[str, uuid.UUID] = {}
 
     def open(self) -> None:
         """Start the client (once)."""
@@ -55,10 +73,36 @@ class PrefectRuns:
     def start(self, deployment: str, parameters: dict[str, Any], key: str, name: str) -> RunInfo:
         """Create a run of ``deployment`` (``<flow>/<deployment>``), or find the one ``key`` made.
 
+        The deployment's id is looked up on the first start only; a start that finds it gone
+        (deleted, or registered again under a new id) looks it up again once.
+
         Raises:
             OrchestratorError: the deployment is not registered or the API failed.
 
         """
+        deployment_id = self._deployment_id(deployment)
+        what = f"start a run of {deployment!r}"
+        try:
+            run = self._client.create_flow_run_from_deployment(
+                deployment_id, parameters=parameters, idempotency_key=key, name=name
+            )
+        except Exception as e:  # the API refused or is down
+            if not _not_found(e):
+                raise OrchestratorError(f"cannot {what}: {e}") from e
+            self._deployment_ids.pop(deployment, None)
+            fresh = self._deployment_id(deployment)
+            run = self._call(
+                lambda: self._client.create_flow_run_from_deployment(
+                    fresh, parameters=parameters, idempotency_key=key, name=name
+                ),
+                what,
+            )
+        return _info(run)
+
+    def _deployment_id(self, deployment: str) -> uuid.UUID:
+        known = self._deployment_ids.get(deployment)
+        if known is not None:
+            return known
         try:
             found = self._client.read_deployment_by_name(deployment)
         except ObjectNotFound:
@@ -68,13 +112,8 @@ class PrefectRuns:
             ) from None
         except Exception as e:  # httpx errors, API errors: the server cannot be used
             raise OrchestratorError(f"cannot read deployment {deployment!r}: {e}") from e
-        try:
-            run = self._client.create_flow_run_from_deployment(
-                found.id, parameters=parameters, idempotency_key=key, name=name
-            )
-        except Exception as e:  # the API refused or is down
-            raise OrchestratorError(f"cannot start a run of {deployment!r}: {e}") from e
-        return _info(run)
+        self._deployment_ids[deployment] = found.id
+        return found.id
 
     def read(self, run_id: str) -> RunInfo | None:
         """The run with this id, or None."""

@@ -299,6 +299,7 @@ def test_secret_paths_cover_every_secret_setting() -> None:
         ("catalog", "token"),
         ("gateway", "password"),
         ("gateway", "token"),
+        ("series", "password"),
     }
 
 

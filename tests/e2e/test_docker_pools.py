@@ -443,7 +443,7 @@ def test_the_dev_environment_runs_every_flow_in_docker_work_pools(stack: Stack, 
     stack.run([str(VENV_BIN / "prefect"), "--no-prompt", "deploy", "--all"], env=deploy_env)
     _, deployments = api(stack, "POST", "/deployments/filter", {"limit": 50})
     by_name = {(d["name"], d["work_pool_name"]): d for d in deployments}
-    assert len(deployments) == 11
+    assert len(deployments) == 13
     assert {pool for _, pool in by_name} == set(POOLS)
     for d in deployments:
         assert d["pull_steps"] == [

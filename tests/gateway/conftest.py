@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,50 @@ def landing_raster(root: Path, name: str) -> Path:
     return write_raster(root / "landing" / COLLECTION / name, data, transform=from_origin(10, 46, 0.1, 0.1))
 
 
+@contextmanager
+def gateway_process(
+    config: Path, prefect_home: Path, secrets: dict[str, Path], log_path: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``python -m skyvault.gateway.app`` on a free port with ``config`` and the gateway secrets
+    given as files (``{"PASSWORD": path, ...}``); yields its URL and process once it answers."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SKYVAULT_", "PREFECT_"))}
+    env.update(
+        PREFECT_API_URL=str(get_current_settings().api.url),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_HOME=str(prefect_home),
+        SKYVAULT_CONFIG_FILE=str(config),
+        **{f"SKYVAULT_GATEWAY__{name}_FILE": str(path) for name, path in secrets.items()},
+    )
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "skyvault.gateway.app", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                assert process.poll() is None, log_path.read_text()
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+            yield url, process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
 @pytest.fixture(scope="module")
 def gateway(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """The gateway in its own process, configured with files as in production."""
@@ -135,41 +180,11 @@ def gateway(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> 
     }
     (folder / "skyvault.yaml").write_text(yaml.safe_dump(config))
     deployments = _register_deployments()
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SKYVAULT_", "PREFECT_"))}
-    env.update(
-        PREFECT_API_URL=str(get_current_settings().api.url),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_HOME=str(folder / "prefect-home"),
-        SKYVAULT_CONFIG_FILE=str(folder / "skyvault.yaml"),
-        SKYVAULT_GATEWAY__PASSWORD_FILE=str(folder / "password"),
-        SKYVAULT_GATEWAY__TOKEN_FILE=str(folder / "token"),
-    )
-    log = (folder / "gateway.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "skyvault.gateway.app", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, (folder / "gateway.log").read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, (folder / "gateway.log").read_text()
-            time.sleep(0.2)
+    secrets = {"PASSWORD": folder / "password", "TOKEN": folder / "token"}
+    with gateway_process(
+        folder / "skyvault.yaml", folder / "prefect-home", secrets, folder / "gateway.log"
+    ) as (
+        url,
+        process,
+    ):
         yield Gateway(url=url, process=process, store_settings=store, deployments=deployments)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()

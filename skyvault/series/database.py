@@ -1,0 +1,367 @@
+"""The sample database: one row per (node, timestamp), in SQLite (default) or PostgreSQL.
+
+Both keep two tables. ``series_samples`` holds the samples, keyed by (node, ts) with ts in UTC
+epoch seconds, and the source that first delivered each. ``series_files`` records every file
+ingested by (source, key, sha256) with its counts; it is written in the same transaction as the
+file's samples, so a file is either recorded with all its new samples or not at all, and a second
+run (or a concurrent one) of the same file finds it recorded and skips it.
+
+PostgreSQL copies a file's samples into a temporary table (``COPY``), then inserts them in
+(node, ts) order with ``ON CONFLICT DO NOTHING``: concurrent writers of overlapping files wait for
+each other's rows instead of failing, and never deadlock. SQLite takes the write lock at the start
+of the transaction (``BEGIN IMMEDIATE``, waiting up to ``series.busy_timeout_seconds``) and uses
+``INSERT OR IGNORE``. Counts are exact on both: inserted rows are counted by the database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import psycopg
+
+from skyvault.config.settings import SeriesSettings
+from skyvault.errors import SeriesDatabaseError, TransientSeriesDatabaseError
+from skyvault.series.samples import VARIABLES, Sample
+
+HOUR = 3600
+
+
+@dataclass(frozen=True)
+class InsertOutcome:
+    """What one file's transaction did: None from :meth:`SampleDatabase.ingest_file` means skipped."""
+
+    inserted: int
+    duplicate: int
+    #: Newly filled UTC hours (epoch seconds of the hour's start) -> samples inserted in each.
+    hours: dict[int, int]
+
+
+@dataclass(frozen=True)
+class SampleArrays:
+    """Samples as columns: ``node`` (UUID text), ``ts`` (epoch seconds), one float array per variable."""
+
+    node: np.ndarray[Any, Any]
+    ts: np.ndarray[Any, Any]
+    values: dict[str, np.ndarray[Any, Any]]
+
+    def __len__(self) -> int:
+        return int(self.ts.shape[0])
+
+
+def _arrays(rows: Sequence[Sequence[Any]]) -> SampleArrays:
+    if not rows:
+        return SampleArrays(
+            node=np.array([], dtype="U36"),
+            ts=np.array([], dtype=np.int64),
+            values={v: np.array([], dtype=np.float64) for v in VARIABLES},
+        )
+    columns = list(zip(*rows, strict=True))
+    return SampleArrays(
+        node=np.array([str(n) for n in columns[0]], dtype="U36"),
+        ts=np.array(columns[1], dtype=np.int64),
+        values={v: np.array(columns[2 + i], dtype=np.float64) for i, v in enumerate(VARIABLES)},
+    )
+
+
+class SampleDatabase(Protocol):
+    """What ingest and seeding need from the sample store."""
+
+    #: Names the database in messages (a file path or a DSN without password).
+    name: str
+
+    def ingest_file(
+        self, source: str, key: str, sha256: str, samples: Sequence[Sample], rejected: int
+    ) -> InsertOutcome | None:
+        """Store a file's samples and record the file, in one transaction.
+
+        Returns None (nothing changed) when the file (source, key, sha256) was ingested before.
+        """
+        ...
+
+    def file_ingested(self, source: str, key: str, sha256: str) -> bool:
+        """True when this file (key and content) was ingested before."""
+        ...
+
+    def read_samples(self, source: str, start_s: int, end_s: int, statuses: Sequence[str]) -> SampleArrays:
+        """A source's samples with ``start_s <= ts < end_s`` and one of ``statuses``, by node and time."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SqliteSampleDatabase:
+    """Samples in one SQLite file (WAL journal, so readers never wait for the writer)."""
+
+    def __init__(self, path: Path, busy_timeout_seconds: float) -> None:
+        self.name = f"SQLite database {path}"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(path, timeout=busy_timeout_seconds, isolation_level=None)
+            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}")
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.executescript(
+                """
+                CREATE TABLE IF NOT EXISTS series_samples (
+                    node TEXT NOT NULL, ts INTEGER NOT NULL, source TEXT NOT NULL,
+                    co2_ppm REAL NOT NULL, temperature_celsius REAL NOT NULL,
+                    rel_humidity_percent REAL NOT NULL, status TEXT NOT NULL,
+                    PRIMARY KEY (node, ts)
+                ) WITHOUT ROWID;
+                CREATE INDEX IF NOT EXISTS series_samples_source_ts ON series_samples (source, ts);
+                CREATE TABLE IF NOT EXISTS series_files (
+                    source TEXT NOT NULL, key TEXT NOT NULL, sha256 TEXT NOT NULL,
+                    ingested_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+                    inserted INTEGER, duplicate INTEGER, rejected INTEGER,
+                    PRIMARY KEY (source, key, sha256)
+                );
+                """
+            )
+        except (OSError, sqlite3.Error) as e:
+            raise _sqlite_error(e, f"cannot open the {self.name}") from e
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise _sqlite_error(e, f"{self.name}: {what}") from e
+
+    def ingest_file(
+        self, source: str, key: str, sha256: str, samples: Sequence[Sample], rejected: int
+    ) -> InsertOutcome | None:
+        conn = self._conn
+        with self._errors(f"cannot ingest file {key!r} of source {source!r}"):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                before = conn.total_changes
+                conn.execute(
+                    "INSERT OR IGNORE INTO series_files (source, key, sha256) VALUES (?, ?, ?)",
+                    (source, key, sha256),
+                )
+                if conn.total_changes == before:
+                    conn.execute("ROLLBACK")
+                    return None
+                conn.execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS series_incoming ("
+                    " node TEXT NOT NULL, ts INTEGER NOT NULL, co2_ppm REAL,"
+                    " temperature_celsius REAL, rel_humidity_percent REAL, status TEXT,"
+                    " PRIMARY KEY (node, ts))"
+                )
+                conn.execute("DELETE FROM series_incoming")
+                conn.executemany(
+                    "INSERT OR IGNORE INTO series_incoming VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        (
+                            str(s.node),
+                            s.timestamp_s,
+                            s.co2_ppm,
+                            s.temperature_celsius,
+                            s.rel_humidity_percent,
+                            s.status,
+                        )
+                        for s in samples
+                    ),
+                )
+                hours = dict(
+                    conn.execute(
+                        "SELECT ts - ts % 3600, count(*) FROM series_incoming AS i WHERE NOT EXISTS ("
+                        " SELECT 1 FROM series_samples AS s WHERE s.node = i.node AND s.ts = i.ts"
+                        ") GROUP BY 1"
+                    ).fetchall()
+                )
+                before = conn.total_changes
+                conn.execute(
+                    "INSERT OR IGNORE INTO series_samples (node, ts, source, co2_ppm, temperature_celsius,"
+                    " rel_humidity_percent, status) SELECT node, ts, ?, co2_ppm, temperature_celsius,"
+                    " rel_humidity_percent, status FROM series_incoming ORDER BY node, ts",
+                    (source,),
+                )
+                inserted = conn.total_changes - before
+                if inserted != sum(hours.values()):
+                    raise SeriesDatabaseError(
+                        f"{self.name}: file {key!r}: {inserted} rows inserted but {sum(hours.values())} "
+                        "were new; another writer changed the table inside this transaction"
+                    )
+                duplicate = len(samples) - inserted
+                conn.execute(
+                    "UPDATE series_files SET inserted = ?, duplicate = ?, rejected = ?"
+                    " WHERE source = ? AND key = ? AND sha256 = ?",
+                    (inserted, duplicate, rejected, source, key, sha256),
+                )
+                conn.execute("DELETE FROM series_incoming")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return InsertOutcome(
+            inserted=inserted, duplicate=duplicate, hours={int(h): int(n) for h, n in hours.items()}
+        )
+
+    def file_ingested(self, source: str, key: str, sha256: str) -> bool:
+        with self._errors(f"cannot look up file {key!r} of source {source!r}"):
+            row = self._conn.execute(
+                "SELECT 1 FROM series_files WHERE source = ? AND key = ? AND sha256 = ?",
+                (source, key, sha256),
+            ).fetchone()
+        return row is not None
+
+    def read_samples(self, source: str, start_s: int, end_s: int, statuses: Sequence[str]) -> SampleArrays:
+        marks = ", ".join("?" for _ in statuses)
+        with self._errors(f"cannot read samples of source {source!r}"):
+            rows = self._conn.execute(
+                f"SELECT node, ts, {', '.join(VARIABLES)} FROM series_samples"
+                f" WHERE source = ? AND ts >= ? AND ts < ? AND status IN ({marks}) ORDER BY node, ts",
+                (source, start_s, end_s, *statuses),
+            ).fetchall()
+        return _arrays(rows)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _sqlite_error(e: BaseException, message: str) -> SeriesDatabaseError:
+    if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+        return TransientSeriesDatabaseError(f"{message}: {e}")
+    return SeriesDatabaseError(f"{message}: {e}")
+
+
+_PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS series_samples (
+    node uuid NOT NULL, ts bigint NOT NULL, source text NOT NULL,
+    co2_ppm double precision NOT NULL, temperature_celsius double precision NOT NULL,
+    rel_humidity_percent double precision NOT NULL, status text NOT NULL,
+    PRIMARY KEY (node, ts)
+);
+CREATE INDEX IF NOT EXISTS series_samples_source_ts ON series_samples (source, ts);
+CREATE TABLE IF NOT EXISTS series_files (
+    source text NOT NULL, key text NOT NULL, sha256 text NOT NULL,
+    ingested_at timestamptz NOT NULL DEFAULT now(),
+    inserted bigint, duplicate bigint, rejected bigint,
+    PRIMARY KEY (source, key, sha256)
+);
+"""
+
+
+class PostgresSampleDatabase:
+    """Samples in PostgreSQL (psycopg 3), one connection per instance."""
+
+    def __init__(self, dsn: str, password: str | None, connect_timeout_seconds: float) -> None:
+        shown = {k: v for k, v in psycopg.conninfo.conninfo_to_dict(dsn).items() if k != "password"}
+        self.name = f"PostgreSQL database {psycopg.conninfo.make_conninfo('', **shown)}"
+        extra: dict[str, Any] = {"connect_timeout": max(1, int(connect_timeout_seconds))}
+        if password is not None:
+            extra["password"] = password
+        with self._errors("cannot open it"):
+            self._conn = psycopg.connect(dsn, autocommit=True, **extra)
+            with self._conn.transaction():
+                # One creator at a time: concurrent CREATE ... IF NOT EXISTS may collide.
+                self._conn.execute("SELECT pg_advisory_xact_lock(hashtext('skyvault-series-schema'))")
+                self._conn.execute(_PG_SCHEMA)
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except psycopg.OperationalError as e:  # connection lost, deadlock or serialization abort
+            raise TransientSeriesDatabaseError(f"{self.name}: {what}: {e}") from e
+        except psycopg.Error as e:
+            raise SeriesDatabaseError(f"{self.name}: {what}: {e}") from e
+
+    def ingest_file(
+        self, source: str, key: str, sha256: str, samples: Sequence[Sample], rejected: int
+    ) -> InsertOutcome | None:
+        with self._errors(f"cannot ingest file {key!r} of source {source!r}"), self._conn.transaction():
+            cur = self._conn.cursor()
+            cur.execute(
+                "INSERT INTO series_files (source, key, sha256) VALUES (%s, %s, %s)"
+                " ON CONFLICT DO NOTHING RETURNING 1",
+                (source, key, sha256),
+            )
+            if cur.fetchone() is None:
+                return None  # leaving the block commits nothing: no row was written
+            cur.execute(
+                "CREATE TEMP TABLE series_incoming (line integer, node uuid, ts bigint,"
+                " co2_ppm double precision, temperature_celsius double precision,"
+                " rel_humidity_percent double precision, status text) ON COMMIT DROP"
+            )
+            with cur.copy(
+                "COPY series_incoming (line, node, ts, co2_ppm, temperature_celsius, rel_humidity_percent,"
+                " status) FROM STDIN"
+            ) as copy:
+                for s in samples:
+                    copy.write_row(
+                        (
+                            s.line,
+                            s.node,
+                            s.timestamp_s,
+                            s.co2_ppm,
+                            s.temperature_celsius,
+                            s.rel_humidity_percent,
+                            s.status,
+                        )
+                    )
+            cur.execute(
+                "WITH fresh AS ("
+                " INSERT INTO series_samples (node, ts, source, co2_ppm, temperature_celsius,"
+                "  rel_humidity_percent, status)"
+                " SELECT DISTINCT ON (node, ts) node, ts, %s, co2_ppm, temperature_celsius,"
+                "  rel_humidity_percent, status FROM series_incoming ORDER BY node, ts, line"
+                " ON CONFLICT (node, ts) DO NOTHING RETURNING ts)"
+                " SELECT ts - ts %% 3600, count(*) FROM fresh GROUP BY 1",
+                (source,),
+            )
+            hours = {int(h): int(n) for h, n in cur.fetchall()}
+            inserted = sum(hours.values())
+            duplicate = len(samples) - inserted
+            cur.execute(
+                "UPDATE series_files SET inserted = %s, duplicate = %s, rejected = %s"
+                " WHERE source = %s AND key = %s AND sha256 = %s",
+                (inserted, duplicate, rejected, source, key, sha256),
+            )
+        return InsertOutcome(inserted=inserted, duplicate=duplicate, hours=hours)
+
+    def file_ingested(self, source: str, key: str, sha256: str) -> bool:
+        with self._errors(f"cannot look up file {key!r} of source {source!r}"):
+            row = self._conn.execute(
+                "SELECT 1 FROM series_files WHERE source = %s AND key = %s AND sha256 = %s",
+                (source, key, sha256),
+            ).fetchone()
+        return row is not None
+
+    def read_samples(self, source: str, start_s: int, end_s: int, statuses: Sequence[str]) -> SampleArrays:
+        with self._errors(f"cannot read samples of source {source!r}"):
+            rows = self._conn.execute(
+                f"SELECT node, ts, {', '.join(VARIABLES)} FROM series_samples"
+                " WHERE source = %s AND ts >= %s AND ts < %s AND status = ANY(%s) ORDER BY node, ts",
+                (source, start_s, end_s, list(statuses)),
+            ).fetchall()
+        return _arrays(rows)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def open_database(settings: SeriesSettings) -> SampleDatabase:
+    """The sample database the settings name (created on first use)."""
+    if settings.database == "postgresql":
+        assert settings.dsn is not None  # the settings refuse postgresql without a dsn
+        password = settings.password.get_secret_value() if settings.password else None
+        return PostgresSampleDatabase(settings.dsn, password, settings.busy_timeout_seconds)
+    return SqliteSampleDatabase(settings.sqlite_path, settings.busy_timeout_seconds)
+
+
+@contextlib.contextmanager
+def sample_database(settings: SeriesSettings) -> Iterator[SampleDatabase]:
+    """:func:`open_database`, closed on leaving."""
+    db = open_database(settings)
+    try:
+        yield db
+    finally:
+        db.close()

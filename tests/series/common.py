@@ -1,0 +1,120 @@
+"""Shared helpers of the series tests: sample generators, file writers, direct database reads."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import os
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from skyvault.config.settings import SeriesSettings
+
+SOURCE = "office"
+DAY = 86400
+
+
+def database_settings(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, **extra: Any
+) -> SeriesSettings:
+    """SeriesSettings on a fresh SQLite file or a fresh plain PostgreSQL database."""
+    sources = extra.pop("sources", {SOURCE: {}})
+    if kind == "sqlite":
+        return SeriesSettings(sqlite_path=tmp_path / "series.sqlite3", sources=sources, **extra)
+    from bench.common import create_database
+
+    server = request.getfixturevalue("pgstac_server")
+    dsn = create_database(server.port, "series_" + os.urandom(6).hex())
+    return SeriesSettings(database="postgresql", dsn=dsn, sources=sources, **extra)
+
+
+def stored_rows(series: SeriesSettings) -> list[tuple[str, int, float, float, float, str]]:
+    """Every stored sample read straight from the database: node, ts, co2, temperature, humidity, status."""
+    query = (
+        "SELECT node, ts, co2_ppm, temperature_celsius, rel_humidity_percent, status"
+        " FROM series_samples ORDER BY node, ts"
+    )
+    if series.database == "sqlite":
+        with sqlite3.connect(series.sqlite_path) as conn:
+            rows = conn.execute(query).fetchall()
+    else:
+        assert series.dsn is not None
+        with psycopg.connect(series.dsn) as pg:
+            rows = pg.execute(query).fetchall()
+    return [(str(r[0]), int(r[1]), float(r[2]), float(r[3]), float(r[4]), str(r[5])) for r in rows]
+
+
+def make_samples(
+    rng: np.random.Generator,
+    nodes: list[str],
+    start: dt.datetime,
+    seconds: int,
+    step: int = 60,
+    keep: float = 0.7,
+    statuses: str = "MR",
+) -> list[dict[str, Any]]:
+    """Valid samples of each node every ``step`` s over ``seconds`` from ``start``, a random ``keep`` share
+    of them (gaps), with random values inside the default limits."""
+    t0 = int(start.timestamp())
+    out: list[dict[str, Any]] = []
+    for node in nodes:
+        for ts in range(t0, t0 + seconds, step):
+            if rng.random() > keep:
+                continue
+            out.append(
+                {
+                    "node": node,
+                    "timestamp_s": ts,
+                    "co2_ppm": float(rng.integers(350, 5000)),
+                    "temperature_celsius": round(float(rng.integers(-200, 400)) / 10, 1),
+                    "rel_humidity_percent": round(float(rng.uniform(0, 100)), 2),
+                    "status": str(rng.choice(list(statuses))),
+                }
+            )
+    return out
+
+
+def new_nodes(n: int) -> list[str]:
+    return [str(uuid.uuid4()) for _ in range(n)]
+
+
+def jsonl(samples: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(s) + "\n" for s in samples).encode()
+
+
+def csv_bytes(samples: list[dict[str, Any]], iso: bool = False) -> bytes:
+    out = io.StringIO()
+    fields = [
+        "node",
+        "timestamp" if iso else "timestamp_s",
+        "co2_ppm",
+        "temperature_celsius",
+        "rel_humidity_percent",
+        "status",
+    ]
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for s in samples:
+        row = dict(s)
+        if iso:
+            row["timestamp"] = dt.datetime.fromtimestamp(row.pop("timestamp_s"), dt.UTC).isoformat()
+        writer.writerow(row)
+    return out.getvalue().encode()
+
+
+def fixture_json(samples: list[dict[str, Any]]) -> bytes:
+    """A Django-style fixture dump, one entry per sample, indented as ``dumpdata --indent 2`` writes."""
+    entries = [{"model": "airquality.sample", "pk": n + 1, "fields": s} for n, s in enumerate(samples)]
+    return json.dumps(entries, indent=2).encode()
+
+
+def pairs(samples: list[dict[str, Any]]) -> set[tuple[str, int]]:
+    return {(s["node"], int(s["timestamp_s"])) for s in samples}
