@@ -14,9 +14,11 @@ import psycopg
 import pytest
 
 from skyvault.cog.convert import cog_key, read_cog_record, write_cog_record
+from skyvault.config.provision import provision_tag_limits
 from skyvault.config.settings import Settings, StoreSettings
 from skyvault.samples import write_samples
 from skyvault.storage.store import open_store
+from tests.conftest import release_tag_slots
 from tests.flows.test_ingest import REPO, _ingest_env, run_ingest
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -77,6 +79,7 @@ def _setup(configure: Callable[..., Settings], tmp_path: Path, pgstac_dsn: str) 
     s = configure(
         store, catalog={"backend": "pgstac", "dsn": pgstac_dsn, "batch_size": 10, "build_workers": 1}
     )
+    provision_tag_limits(s)  # as production has them: one catalog writer per collection
     return s, everything
 
 
@@ -113,6 +116,8 @@ def test_register_killed_between_batches_converges_on_a_rerun(
     partial = _stored(pgstac_dsn)
     assert 0 < len(partial) < len(ids), "the kill came after the last batch"
     assert all(n == 1 for _, n in partial)
+    # the killed run's catalog-write slot comes back as a server's repossessor returns it
+    release_tag_slots()
 
     rerun = _register(env, tmp_path / "rerun.log")
     assert rerun.wait(timeout=600) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
