@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,15 @@ class SqliteSampleDatabase:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(path, timeout=busy_timeout_seconds, isolation_level=None)
             self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}")
-            self._conn.execute("PRAGMA journal_mode = WAL")
+            deadline = time.monotonic() + busy_timeout_seconds
+            while True:  # switching to WAL does not wait on the busy handler: retry while locked
+                try:
+                    self._conn.execute("PRAGMA journal_mode = WAL")
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
             self._conn.executescript(
                 """
                 CREATE TABLE IF NOT EXISTS series_samples (
