@@ -6,7 +6,6 @@ import csv
 import datetime as dt
 import io
 import threading
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,7 @@ from skyvault.flows.series import seed_series
 from skyvault.series.database import sample_database
 from skyvault.series.samples import VARIABLES, validate_sample
 from tests.gateway.conftest import PASSWORD, POOL, TOKEN, USER, gateway_process
-from tests.series.common import DAY, SOURCE, make_samples, new_nodes
+from tests.series.common import DAY, SOURCE, make_samples, new_nodes, reference_reduction
 
 DEPLOYMENT = "seed-series/on-request"
 START = dt.datetime(2026, 3, 10, tzinfo=dt.UTC)
@@ -93,18 +92,10 @@ def gateway(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> 
 def _reference(
     samples: list[dict[str, Any]], resolution: int, lo: int, hi: int
 ) -> dict[tuple[str, str], Any]:
-    """min/max/count per (node, bin start as ISO text) of the reducible samples in [lo, hi)."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for s in samples:
-        if lo <= s["timestamp_s"] < hi and s["status"] != "E":
-            start = dt.datetime.fromtimestamp(s["timestamp_s"] // resolution * resolution, dt.UTC)
-            groups[(s["node"], start.strftime("%Y-%m-%dT%H:%M:%SZ"))].append(s)
+    """The reference reduction keyed by (node, bin start as ISO text), as the endpoint answers."""
     return {
-        key: {
-            v: (min(m[v] for m in ms), float(np.mean([m[v] for m in ms])), max(m[v] for m in ms), len(ms))
-            for v in VARIABLES
-        }
-        for key, ms in groups.items()
+        (node, dt.datetime.fromtimestamp(start, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")): stats
+        for (node, start), stats in reference_reduction(samples, resolution, lo, hi).items()
     }
 
 

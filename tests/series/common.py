@@ -118,3 +118,21 @@ def fixture_json(samples: list[dict[str, Any]]) -> bytes:
 
 def pairs(samples: list[dict[str, Any]]) -> set[tuple[str, int]]:
     return {(s["node"], int(s["timestamp_s"])) for s in samples}
+
+
+def reference_reduction(
+    samples: list[dict[str, Any]], resolution: int, lo: int, hi: int
+) -> dict[tuple[str, int], dict[str, tuple[float, float, float, int]]]:
+    """min/mean/max/count per variable, per (node, epoch-aligned bin start) of the reducible samples
+    (status not E) in [lo, hi): the reduction computed apart from skyvault's, for comparison."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for s in samples:
+        if lo <= s["timestamp_s"] < hi and s["status"] != "E":
+            groups.setdefault((s["node"], s["timestamp_s"] // resolution * resolution), []).append(s)
+    return {
+        key: {
+            v: (min(m[v] for m in ms), float(np.mean([m[v] for m in ms])), max(m[v] for m in ms), len(ms))
+            for v in ("co2_ppm", "temperature_celsius", "rel_humidity_percent")
+        }
+        for key, ms in groups.items()
+    }

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,15 @@ from skyvault.series.database import sample_database
 from skyvault.series.ingest import ingest_sample_file, seed_blocks
 from skyvault.series.reduce import reduce_samples
 from skyvault.storage.store import open_store
-from tests.series.common import DAY, SOURCE, database_settings, jsonl, make_samples, new_nodes
+from tests.series.common import (
+    DAY,
+    SOURCE,
+    database_settings,
+    jsonl,
+    make_samples,
+    new_nodes,
+    reference_reduction,
+)
 
 LEVELS = ["60 s | daily", "15 min | hourly", "1 h | monthly"]
 #: Samples from 30 May 22:00 to 2 June 02:00 UTC: crosses days and a month boundary.
@@ -31,24 +38,6 @@ SPAN = 2 * DAY + 4 * 3600
 @pytest.fixture(params=["sqlite", "postgresql"])
 def series(request: pytest.FixtureRequest, tmp_path: Path) -> SeriesSettings:
     return database_settings(request.param, tmp_path, request, sources={SOURCE: {"cache_levels": LEVELS}})
-
-
-def _reference(
-    samples: list[dict[str, Any]], resolution: int, lo: int, hi: int
-) -> dict[tuple[str, int], Any]:
-    """min/mean/max/count per (node, bin) of the samples in [lo, hi), bins counted from the epoch."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
-    for s in samples:
-        if lo <= s["timestamp_s"] < hi and s["status"] != "E":
-            groups[(s["node"], s["timestamp_s"] // resolution * resolution)].append(s)
-    out = {}
-    for key, members in groups.items():
-        stats = {}
-        for v in ("co2_ppm", "temperature_celsius", "rel_humidity_percent"):
-            values = np.array([m[v] for m in members])
-            stats[v] = (values.min(), values.mean(), values.max(), len(values))
-        out[key] = stats
-    return out
 
 
 def _utc_start(name: str) -> dt.datetime:
@@ -106,7 +95,7 @@ def test_blocks_equal_an_independent_reduction_on_utc_periods(series: SeriesSett
         table = pq.read_table(io.BytesIO(objects.get_bytes(key)))
         rows = table.to_pylist()
         assert table.schema.metadata[b"skyvault.period_start"].decode() == start.isoformat()
-        reference = _reference(samples, resolution, int(start.timestamp()), int(end.timestamp()))
+        reference = reference_reduction(samples, resolution, int(start.timestamp()), int(end.timestamp()))
         got = {(r["node"], int(r["bin_start"].timestamp())): r for r in rows}
         assert set(got) == set(reference), key
         assert len(rows) == len(got) == written[key].rows

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import sys
 import textwrap
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,29 +27,12 @@ from skyvault.series.ingest import seed_blocks
 from skyvault.series.read import SeriesRead, choose_level, parse_resolution, read_series
 from skyvault.series.samples import VARIABLES, validate_sample
 from skyvault.storage.store import open_store
-from tests.series.common import DAY, SOURCE, csv_bytes, make_samples, new_nodes
+from tests.series.common import DAY, SOURCE, csv_bytes, make_samples, new_nodes, reference_reduction
 
 LEVELS = ["60 s | daily", "15 min | daily", "1 h | monthly"]
 #: Three days from 30 April 00:00 UTC (crossing into May); long ended by the time tests run.
 START = dt.datetime(2026, 4, 30, tzinfo=dt.UTC)
 DAYS = [START + dt.timedelta(days=n) for n in range(3)]
-
-
-def _reference(
-    samples: list[dict[str, Any]], resolution: int, lo: int, hi: int
-) -> dict[tuple[str, int], Any]:
-    """min/mean/max/count per (node, epoch-aligned bin) of the reducible samples in [lo, hi)."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
-    for s in samples:
-        if lo <= s["timestamp_s"] < hi and s["status"] != "E":
-            groups[(s["node"], s["timestamp_s"] // resolution * resolution)].append(s)
-    return {
-        key: {
-            v: (min(m[v] for m in ms), float(np.mean([m[v] for m in ms])), max(m[v] for m in ms), len(ms))
-            for v in VARIABLES
-        }
-        for key, ms in groups.items()
-    }
 
 
 def _as_dict(read: SeriesRead) -> dict[tuple[str, int], Any]:
@@ -147,14 +129,16 @@ def test_a_read_uses_the_chosen_levels_blocks_and_rebins_them(tmp_path: Path) ->
     # the range widens to whole 45 min bins counted from the epoch
     assert read.start.timestamp() == int(lo.timestamp()) // 2700 * 2700
     assert read.end.timestamp() == -(-int(hi.timestamp()) // 2700) * 2700
-    _assert_matches(read, _reference(samples, 2700, int(read.start.timestamp()), int(read.end.timestamp())))
+    _assert_matches(
+        read, reference_reduction(samples, 2700, int(read.start.timestamp()), int(read.end.timestamp()))
+    )
 
     # a 1 h read goes to the 1 h level, which has no blocks: served live, the month is missing
     hourly = read_series(SOURCE, lo, hi, 3600, series, store)
     assert hourly.level.resolution_seconds == 3600
     assert hourly.missing == [dt.datetime(2026, 4, 1, tzinfo=dt.UTC), dt.datetime(2026, 5, 1, tzinfo=dt.UTC)]
     _assert_matches(
-        hourly, _reference(samples, 3600, int(hourly.start.timestamp()), int(hourly.end.timestamp()))
+        hourly, reference_reduction(samples, 3600, int(hourly.start.timestamp()), int(hourly.end.timestamp()))
     )
 
 
@@ -204,7 +188,9 @@ def test_a_miss_is_served_live_and_equals_the_cached_answer_once_seeded(
     live = read_series(SOURCE, lo, hi, 600, config.series, store)
     assert live.level.resolution_seconds == 60
     assert live.missing == [DAYS[0], DAYS[2]]
-    _assert_matches(live, _reference(samples, 600, int(live.start.timestamp()), int(live.end.timestamp())))
+    _assert_matches(
+        live, reference_reduction(samples, 600, int(live.start.timestamp()), int(live.end.timestamp()))
+    )
 
     seeded = seed_series(source=SOURCE, blocks={"60s": live.missing}, return_state=True)
     assert seeded.is_completed(), seeded.message
