@@ -79,18 +79,23 @@ def select_products(
     *,
     replace: bool,
     seed_tiles: bool,
-) -> tuple[list[Product], list[ProductOutcome]]:
+) -> tuple[list[Product], list[ProductOutcome], set[tuple[str, str]]]:
     """Split discovered products into those to process and those already done (skipped).
 
-    See :func:`skyvault.status.needs_processing` for the rule.
+    See :func:`skyvault.status.needs_processing` for the rule. Also returns the ``(collection,
+    id)`` of the products to process that were done but are described differently now (a
+    corrected report or sidecar): they are processed again as a replace.
     """
     todo: list[Product] = []
     skipped: list[ProductOutcome] = []
+    changed: set[tuple[str, str]] = set()
     for product in discovery.products:
         key = (product.collection, product.id)
         status, digest = statuses.get(key), product.digest()
         if needs_processing(status, key in registered, replace=replace, seed_tiles=seed_tiles, digest=digest):
             todo.append(product)
+            if changed_since_done(status, digest):
+                changed.add(key)
         else:
             skipped.append(
                 ProductOutcome(
@@ -100,7 +105,7 @@ def select_products(
                     message="already done",
                 )
             )
-    return todo, skipped
+    return todo, skipped, changed
 
 
 def outcome_of(product: Product, state: State[Any], recorded: ProductStatus | None = None) -> ProductOutcome:
@@ -243,13 +248,9 @@ def ingest(
         done = [key for key, status in statuses.items() if status.state == "done"]
         if done:
             registered = find_existing_items(done, settings.catalog, settings.store)
-    todo, outcomes = select_products(discovery, registered, statuses, replace=replace, seed_tiles=seed_tiles)
-    # described differently since it was done (a corrected report): rebuilt and re-seeded as a replace
-    changed = {
-        (p.collection, p.id)
-        for p in todo
-        if changed_since_done(statuses.get((p.collection, p.id)), p.digest())
-    }
+    todo, outcomes, changed = select_products(
+        discovery, registered, statuses, replace=replace, seed_tiles=seed_tiles
+    )
     if changed:
         get_run_logger().info(
             "%d product(s) changed since they were done, processed again as a replace: %s",

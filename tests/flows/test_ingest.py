@@ -351,7 +351,9 @@ def test_select_products_skips_only_products_recorded_done_and_registered() -> N
     def todo_of(
         statuses: dict[tuple[str, str], ProductStatus], registered: set[Any], replace: bool
     ) -> list[str]:
-        todo, skipped = select_products(_product("p"), registered, statuses, replace=replace, seed_tiles=True)
+        todo, skipped, _ = select_products(
+            _product("p"), registered, statuses, replace=replace, seed_tiles=True
+        )
         assert len(todo) + len(skipped) == 1
         assert all(o.state == "skipped" for o in skipped)
         return [p.id for p in todo]
