@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from skyvault.cog.convert import cog_key, read_cog_record, write_cog_record
+from skyvault.cog.convert import cog_key, list_cogs, read_cog_record, write_cog_record
 from skyvault.config.provision import provision_tag_limits
 from skyvault.config.settings import Settings, StoreSettings
 from skyvault.samples import write_samples
@@ -36,11 +36,7 @@ sys.exit(0 if state.is_completed() and state.name == "Completed" else 1)
 def _many_cogs(s: Settings) -> list[str]:
     """``COPIES`` products of one collection, each with its own COG and record (copies of one)."""
     store = open_store(s.store)
-    (template_id, *_) = sorted(
-        o.key.rsplit("/", 1)[1][: -len(".json")]
-        for o in store.list(f"cogs/{COLLECTION}/")
-        if o.key.endswith(".json")
-    )
+    (template_id, *_) = list_cogs(COLLECTION, s.store)
     record = read_cog_record(COLLECTION, template_id, s.store)
     assert record is not None
     data = store.get_bytes(record.cog.key)
@@ -70,11 +66,7 @@ def _setup(configure: Callable[..., Settings], tmp_path: Path, pgstac_dsn: str) 
     write_samples(open_store(s.store))
     run_ingest(seed_tiles=False)
     copies = _many_cogs(s)
-    everything = sorted(
-        o.key.rsplit("/", 1)[1][: -len(".json")]
-        for o in open_store(s.store).list(f"cogs/{COLLECTION}/")
-        if o.key.endswith(".json")
-    )
+    everything = list_cogs(COLLECTION, s.store)
     assert set(copies) <= set(everything)
     s = configure(
         store, catalog={"backend": "pgstac", "dsn": pgstac_dsn, "batch_size": 10, "build_workers": 1}
