@@ -300,8 +300,14 @@ class SeriesSettings(BaseModel):
     busy_timeout_seconds: float = Field(60.0, gt=0)
     landing_prefix: str = "landing/samples"
     prefix: str = "series"
-    #: Largest sample file read; a larger one fails alone, naming this setting.
+    #: Largest fixture JSON file (``.json``), the one format read whole; a larger one fails alone,
+    #: naming this setting. JSON lines and CSV files are streamed and have no size limit.
     max_file_bytes: int = Field(512 * 1024**2, ge=1)
+    #: Samples parsed and written per step of a file's one transaction: an ingest holds about this
+    #: many samples in memory, whatever the file's size.
+    ingest_chunk_samples: int = Field(100_000, ge=1)
+    #: Rejected samples listed (line and reason) per file in an ingest's result; all are counted.
+    max_listed_rejections: int = Field(10_000, ge=0)
     #: Blocks built by one seeding task (one database read per block, one lock per level).
     blocks_per_task: int = Field(64, ge=1)
     #: Most bins one read (``GET /series/<source>``) may answer, per node.

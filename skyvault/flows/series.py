@@ -88,7 +88,7 @@ def _ingest_artifacts(report: SampleIngestReport) -> None:
     ]
     if rejected:
         shown = rejected[:MAX_LISTED_REJECTIONS]
-        more = f" (the first {len(shown)} of {len(rejected)})" if len(rejected) > len(shown) else ""
+        more = f" (the first {len(shown)} of {report.rejected})" if report.rejected > len(shown) else ""
         create_table_artifact(
             key="ingest-samples-rejections",
             table=shown,
@@ -124,7 +124,15 @@ def ingest_samples(
     results: list[SampleFileResult] = []
     failed: dict[str, str] = {}
     for key in keys:
-        state = ingest_sample_file(source, key, series, settings.store, return_state=True)
+        state = ingest_sample_file(
+            source,
+            key,
+            series,
+            settings.store,
+            settings.scratch_dir,
+            settings.limits.stale_scratch_seconds,
+            return_state=True,
+        )
         if state.is_completed():
             results.append(state.result())
         else:

@@ -6,19 +6,24 @@ ingested by (source, key, sha256) with its counts; it is written in the same tra
 file's samples, so a file is either recorded with all its new samples or not at all, and a second
 run (or a concurrent one) of the same file finds it recorded and skips it.
 
-PostgreSQL copies a file's samples into a temporary table (``COPY``), then inserts them in
-(node, ts) order with ``ON CONFLICT DO NOTHING``: concurrent writers of overlapping files wait for
-each other's rows instead of failing, and never deadlock. SQLite takes the write lock at the start
+A file's samples arrive as chunks (lists of samples, in file order) and go in chunk by chunk inside
+the file's one transaction, so memory holds one chunk, never the file; the first occurrence of a
+(node, ts) in the file wins. PostgreSQL copies each chunk into a temporary table (``COPY``), then
+inserts it in (node, ts) order with ``ON CONFLICT DO NOTHING``: concurrent writers of overlapping
+files wait for each other's rows instead of failing. Rows of a file written in several chunks are
+not in one global order, so such a file holds a transaction-scoped advisory lock exclusively while
+single-chunk files hold it shared: writers never deadlock. SQLite takes the write lock at the start
 of the transaction (``BEGIN IMMEDIATE``, waiting up to ``series.busy_timeout_seconds``) and uses
-``INSERT OR IGNORE``. Counts are exact on both: inserted rows are counted by the database.
+``INSERT OR IGNORE`` per chunk. Counts are exact on both: inserted rows are counted by the database.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,7 +40,7 @@ HOUR = 3600
 
 @dataclass(frozen=True)
 class InsertOutcome:
-    """What one file's transaction did: None from :meth:`SampleDatabase.ingest_file` means skipped."""
+    """What one file's transaction did: None from :meth:`SampleDatabase.ingest_chunks` means skipped."""
 
     inserted: int
     duplicate: int
@@ -76,13 +81,26 @@ class SampleDatabase(Protocol):
     #: Names the database in messages (a file path or a DSN without password).
     name: str
 
+    def ingest_chunks(
+        self,
+        source: str,
+        key: str,
+        sha256: str,
+        chunks: Iterable[Sequence[Sample]],
+        rejected: int | Callable[[], int],
+    ) -> InsertOutcome | None:
+        """Store a file's samples, given as chunks in file order, and record the file, in one transaction.
+
+        ``rejected`` is the file's count of rejected samples, or a function giving it once the
+        chunks are consumed. Returns None (nothing changed) when the file (source, key, sha256)
+        was ingested before. A failure, or the process dying, leaves nothing of the file stored.
+        """
+        ...
+
     def ingest_file(
         self, source: str, key: str, sha256: str, samples: Sequence[Sample], rejected: int
     ) -> InsertOutcome | None:
-        """Store a file's samples and record the file, in one transaction.
-
-        Returns None (nothing changed) when the file (source, key, sha256) was ingested before.
-        """
+        """:meth:`ingest_chunks` for a file whose samples are all in memory."""
         ...
 
     def file_ingested(self, source: str, key: str, sha256: str) -> bool:
@@ -144,6 +162,16 @@ class SqliteSampleDatabase:
     def ingest_file(
         self, source: str, key: str, sha256: str, samples: Sequence[Sample], rejected: int
     ) -> InsertOutcome | None:
+        return self.ingest_chunks(source, key, sha256, [samples], rejected)
+
+    def ingest_chunks(
+        self,
+        source: str,
+        key: str,
+        sha256: str,
+        chunks: Iterable[Sequence[Sample]],
+        rejected: int | Callable[[], int],
+    ) -> InsertOutcome | None:
         conn = self._conn
         with self._errors(f"cannot ingest file {key!r} of source {source!r}"):
             conn.execute("BEGIN IMMEDIATE")
@@ -162,56 +190,74 @@ class SqliteSampleDatabase:
                     " temperature_celsius REAL, rel_humidity_percent REAL, status TEXT,"
                     " PRIMARY KEY (node, ts))"
                 )
-                conn.execute("DELETE FROM series_incoming")
-                conn.executemany(
-                    "INSERT OR IGNORE INTO series_incoming VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        (
-                            str(s.node),
-                            s.timestamp_s,
-                            s.co2_ppm,
-                            s.temperature_celsius,
-                            s.rel_humidity_percent,
-                            s.status,
-                        )
-                        for s in samples
-                    ),
-                )
-                hours = dict(
-                    conn.execute(
-                        "SELECT ts - ts % 3600, count(*) FROM series_incoming AS i WHERE NOT EXISTS ("
-                        " SELECT 1 FROM series_samples AS s WHERE s.node = i.node AND s.ts = i.ts"
-                        ") GROUP BY 1"
-                    ).fetchall()
-                )
-                before = conn.total_changes
-                conn.execute(
-                    "INSERT OR IGNORE INTO series_samples (node, ts, source, co2_ppm, temperature_celsius,"
-                    " rel_humidity_percent, status) SELECT node, ts, ?, co2_ppm, temperature_celsius,"
-                    " rel_humidity_percent, status FROM series_incoming ORDER BY node, ts",
-                    (source,),
-                )
-                inserted = conn.total_changes - before
-                if inserted != sum(hours.values()):
-                    raise SeriesDatabaseError(
-                        f"{self.name}: file {key!r}: {inserted} rows inserted but {sum(hours.values())} "
-                        "were new; another writer changed the table inside this transaction"
-                    )
-                duplicate = len(samples) - inserted
+                valid = 0
+                hours: dict[int, int] = {}
+                for chunk in chunks:
+                    valid += len(chunk)
+                    for hour, n in self._insert_chunk(source, key, chunk).items():
+                        hours[hour] = hours.get(hour, 0) + n
+                inserted = sum(hours.values())
+                duplicate = valid - inserted
                 conn.execute(
                     "UPDATE series_files SET inserted = ?, duplicate = ?, rejected = ?"
                     " WHERE source = ? AND key = ? AND sha256 = ?",
-                    (inserted, duplicate, rejected, source, key, sha256),
+                    (
+                        inserted,
+                        duplicate,
+                        rejected() if callable(rejected) else rejected,
+                        source,
+                        key,
+                        sha256,
+                    ),
                 )
-                conn.execute("DELETE FROM series_incoming")
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        return InsertOutcome(
-            inserted=inserted, duplicate=duplicate, hours={int(h): int(n) for h, n in hours.items()}
+        return InsertOutcome(inserted=inserted, duplicate=duplicate, hours=hours)
+
+    def _insert_chunk(self, source: str, key: str, chunk: Sequence[Sample]) -> dict[int, int]:
+        """Insert one chunk's new samples (the first of a repeated (node, ts) wins); new per hour."""
+        conn = self._conn
+        conn.execute("DELETE FROM series_incoming")
+        conn.executemany(
+            "INSERT OR IGNORE INTO series_incoming VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                (
+                    str(s.node),
+                    s.timestamp_s,
+                    s.co2_ppm,
+                    s.temperature_celsius,
+                    s.rel_humidity_percent,
+                    s.status,
+                )
+                for s in chunk
+            ),
         )
+        hours = {
+            int(h): int(n)
+            for h, n in conn.execute(
+                "SELECT ts - ts % 3600, count(*) FROM series_incoming AS i WHERE NOT EXISTS ("
+                " SELECT 1 FROM series_samples AS s WHERE s.node = i.node AND s.ts = i.ts"
+                ") GROUP BY 1"
+            ).fetchall()
+        }
+        before = conn.total_changes
+        conn.execute(
+            "INSERT OR IGNORE INTO series_samples (node, ts, source, co2_ppm, temperature_celsius,"
+            " rel_humidity_percent, status) SELECT node, ts, ?, co2_ppm, temperature_celsius,"
+            " rel_humidity_percent, status FROM series_incoming ORDER BY node, ts",
+            (source,),
+        )
+        inserted = conn.total_changes - before
+        if inserted != sum(hours.values()):
+            raise SeriesDatabaseError(
+                f"{self.name}: file {key!r}: {inserted} rows inserted but {sum(hours.values())} "
+                "were new; another writer changed the table inside this transaction"
+            )
+        conn.execute("DELETE FROM series_incoming")
+        return hours
 
     def file_ingested(self, source: str, key: str, sha256: str) -> bool:
         with self._errors(f"cannot look up file {key!r} of source {source!r}"):
@@ -286,8 +332,22 @@ class PostgresSampleDatabase:
     def ingest_file(
         self, source: str, key: str, sha256: str, samples: Sequence[Sample], rejected: int
     ) -> InsertOutcome | None:
+        return self.ingest_chunks(source, key, sha256, [samples], rejected)
+
+    def ingest_chunks(
+        self,
+        source: str,
+        key: str,
+        sha256: str,
+        chunks: Iterable[Sequence[Sample]],
+        rejected: int | Callable[[], int],
+    ) -> InsertOutcome | None:
+        pending = iter(chunks)
+        ahead = list(itertools.islice(pending, 2))  # one chunk or more: decides the lock's mode
+        lock = "pg_advisory_xact_lock" if len(ahead) > 1 else "pg_advisory_xact_lock_shared"
         with self._errors(f"cannot ingest file {key!r} of source {source!r}"), self._conn.transaction():
             cur = self._conn.cursor()
+            cur.execute(f"SELECT {lock}(hashtext('skyvault-series-ingest'))")
             cur.execute(
                 "INSERT INTO series_files (source, key, sha256) VALUES (%s, %s, %s)"
                 " ON CONFLICT DO NOTHING RETURNING 1",
@@ -300,41 +360,53 @@ class PostgresSampleDatabase:
                 " co2_ppm double precision, temperature_celsius double precision,"
                 " rel_humidity_percent double precision, status text) ON COMMIT DROP"
             )
-            with cur.copy(
-                "COPY series_incoming (line, node, ts, co2_ppm, temperature_celsius, rel_humidity_percent,"
-                " status) FROM STDIN"
-            ) as copy:
-                for s in samples:
-                    copy.write_row(
-                        (
-                            s.line,
-                            s.node,
-                            s.timestamp_s,
-                            s.co2_ppm,
-                            s.temperature_celsius,
-                            s.rel_humidity_percent,
-                            s.status,
-                        )
-                    )
-            cur.execute(
-                "WITH fresh AS ("
-                " INSERT INTO series_samples (node, ts, source, co2_ppm, temperature_celsius,"
-                "  rel_humidity_percent, status)"
-                " SELECT DISTINCT ON (node, ts) node, ts, %s, co2_ppm, temperature_celsius,"
-                "  rel_humidity_percent, status FROM series_incoming ORDER BY node, ts, line"
-                " ON CONFLICT (node, ts) DO NOTHING RETURNING ts)"
-                " SELECT ts - ts %% 3600, count(*) FROM fresh GROUP BY 1",
-                (source,),
-            )
-            hours = {int(h): int(n) for h, n in cur.fetchall()}
+            valid = 0
+            hours: dict[int, int] = {}
+            for number, chunk in enumerate(itertools.chain(ahead, pending)):
+                valid += len(chunk)
+                if number:
+                    cur.execute("TRUNCATE series_incoming")
+                for hour, n in self._insert_chunk(cur, source, chunk).items():
+                    hours[hour] = hours.get(hour, 0) + n
             inserted = sum(hours.values())
-            duplicate = len(samples) - inserted
+            duplicate = valid - inserted
             cur.execute(
                 "UPDATE series_files SET inserted = %s, duplicate = %s, rejected = %s"
                 " WHERE source = %s AND key = %s AND sha256 = %s",
-                (inserted, duplicate, rejected, source, key, sha256),
+                (inserted, duplicate, rejected() if callable(rejected) else rejected, source, key, sha256),
             )
         return InsertOutcome(inserted=inserted, duplicate=duplicate, hours=hours)
+
+    @staticmethod
+    def _insert_chunk(cur: psycopg.Cursor[Any], source: str, chunk: Sequence[Sample]) -> dict[int, int]:
+        """Insert one chunk's new samples (the first of a repeated (node, ts) wins); new per hour."""
+        with cur.copy(
+            "COPY series_incoming (line, node, ts, co2_ppm, temperature_celsius, rel_humidity_percent,"
+            " status) FROM STDIN"
+        ) as copy:
+            for s in chunk:
+                copy.write_row(
+                    (
+                        s.line,
+                        s.node,
+                        s.timestamp_s,
+                        s.co2_ppm,
+                        s.temperature_celsius,
+                        s.rel_humidity_percent,
+                        s.status,
+                    )
+                )
+        cur.execute(
+            "WITH fresh AS ("
+            " INSERT INTO series_samples (node, ts, source, co2_ppm, temperature_celsius,"
+            "  rel_humidity_percent, status)"
+            " SELECT DISTINCT ON (node, ts) node, ts, %s, co2_ppm, temperature_celsius,"
+            "  rel_humidity_percent, status FROM series_incoming ORDER BY node, ts, line"
+            " ON CONFLICT (node, ts) DO NOTHING RETURNING ts)"
+            " SELECT ts - ts %% 3600, count(*) FROM fresh GROUP BY 1",
+            (source,),
+        )
+        return {int(h): int(n) for h, n in cur.fetchall()}
 
     def file_ingested(self, source: str, key: str, sha256: str) -> bool:
         with self._errors(f"cannot look up file {key!r} of source {source!r}"):

@@ -14,19 +14,24 @@ Every format carries the same fields: ``node`` (or ``node_id``, a UUID), the tim
 ``co2_ppm``, ``temperature_celsius``, ``rel_humidity_percent`` and ``status``. Other fields are
 ignored. Times are whole seconds. A sample that fails validation is rejected with its line number
 (the first line of its fixture entry) and the reason; the rest of the file is kept.
+
+:func:`stream_samples` reads a file in chunks of valid samples: JSON lines and CSV a line at a
+time, so a file of any size is read in bounded memory; a fixture file is read whole.
+:func:`parse_samples` reads a file held in memory at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import io
 import json
 import math
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -80,8 +85,10 @@ class SampleFileResult(_Record):
 
     ``duplicate`` counts valid samples whose (node, timestamp) was stored already (or earlier in
     the same file); ``hours`` are the UTC hours (epoch seconds) holding the samples this file
-    added, from which the blocks to rebuild are derived. ``skipped``: this file (key and content)
-    was ingested before, nothing was read into the database.
+    added, from which the blocks to rebuild are derived. ``rejected`` counts every rejected sample;
+    ``rejections`` lists the first ones (``series.max_listed_rejections``), so ``rejected -
+    len(rejections)`` more were not listed. ``skipped``: this file (key and content) was ingested
+    before, nothing was read into the database.
     """
 
     source: str
@@ -251,6 +258,15 @@ def validate_sample(raw: Any, line: int, limits: SampleLimits) -> Sample:
 # --- formats --------------------------------------------------------------------------------------
 
 
+#: Longest line (in characters) of a JSON lines or CSV file. A longer line is rejected (JSON lines)
+#: or fails its file (CSV) without being held in memory, so a file without line breaks cannot
+#: exhaust memory.
+MAX_LINE_CHARS = 1024**2
+
+#: One record of a file as read: its line, its raw fields (None when unreadable), the problem.
+_Raw = tuple[int, Any, str | None]
+
+
 def _text(data: bytes, source: str, key: str) -> str:
     try:
         return data.decode("utf-8-sig")
@@ -259,8 +275,46 @@ def _text(data: bytes, source: str, key: str) -> str:
         raise SampleFileError(f"source {source!r}, file {key!r}, line {line}: not UTF-8 text") from e
 
 
-def _jsonl_records(text: str) -> Iterator[tuple[int, Any, str | None]]:
-    for number, line in enumerate(io.StringIO(text), start=1):
+def _lines(stream: IO[bytes], newline: str, source: str, key: str) -> Iterator[str | None]:
+    """The text lines of ``stream`` (UTF-8, a leading BOM dropped), read one at a time.
+
+    ``newline`` is the line ending as :class:`io.TextIOWrapper` takes it: a line feed alone, or
+    ``""`` for any. A line longer than :data:`MAX_LINE_CHARS` is skipped unread and stands as None.
+
+    Raises:
+        SampleFileError: a line is not UTF-8 text; names the source, file and line.
+
+    """
+    ends = ("\n",) if newline == "\n" else ("\n", "\r")
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
+    try:
+        number = 0
+        while line := text.readline(MAX_LINE_CHARS):
+            number += 1
+            if len(line) == MAX_LINE_CHARS and not line.endswith(ends):
+                while (rest := text.readline(MAX_LINE_CHARS)) and len(rest) == MAX_LINE_CHARS:
+                    if rest.endswith(ends):
+                        break
+                yield None
+                continue
+            if not line.isascii():
+                try:
+                    line.encode("utf-8")  # bytes that were not UTF-8 decoded to lone surrogates
+                except UnicodeEncodeError as e:
+                    raise SampleFileError(
+                        f"source {source!r}, file {key!r}, line {number}: not UTF-8 text"
+                    ) from e
+            yield line
+    finally:
+        with contextlib.suppress(ValueError):  # the stream was closed already
+            text.detach()  # leaves the stream open for its owner
+
+
+def _jsonl_records(lines: Iterable[str | None]) -> Iterator[_Raw]:
+    for number, line in enumerate(lines, start=1):
+        if line is None:
+            yield number, None, f"a line longer than {MAX_LINE_CHARS} characters"
+            continue
         if not line.strip():
             continue
         try:
@@ -269,8 +323,17 @@ def _jsonl_records(text: str) -> Iterator[tuple[int, Any, str | None]]:
             yield number, None, f"not a JSON object: {e}"
 
 
-def _csv_records(text: str, source: str, key: str) -> Iterator[tuple[int, Any, str | None]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+def _csv_records(lines: Iterable[str | None], source: str, key: str) -> Iterator[_Raw]:
+    def physical() -> Iterator[str]:
+        for number, line in enumerate(lines, start=1):
+            if line is None:
+                raise SampleFileError(
+                    f"source {source!r}, file {key!r}, line {number}: a line longer than "
+                    f"{MAX_LINE_CHARS} characters; not a CSV sample file"
+                )
+            yield line
+
+    reader = csv.DictReader(physical())
     try:
         fields = reader.fieldnames
     except csv.Error as e:
@@ -305,7 +368,7 @@ def _csv_records(text: str, source: str, key: str) -> Iterator[tuple[int, Any, s
         start = reader.line_num + 1
 
 
-def _fixture_records(text: str, source: str, key: str) -> Iterator[tuple[int, Any, str | None]]:
+def _fixture_records(text: str, source: str, key: str) -> Iterator[_Raw]:
     decoder = json.JSONDecoder()
     where = f"source {source!r}, file {key!r}"
 
@@ -346,38 +409,97 @@ def _fixture_records(text: str, source: str, key: str) -> Iterator[tuple[int, An
         raise SampleFileError(f"{where}, line {line_of(pos)}: expected ',' or ']' between entries")
 
 
-def parse_samples(data: bytes, key: str, source: str, limits: SampleLimits) -> ParsedSamples:
-    """Parse and validate one sample file; its format comes from the key's extension.
+def _records(stream: IO[bytes], key: str, source: str) -> Iterator[_Raw]:
+    fmt = sample_format(key)
+    if fmt == "jsonl":
+        return _jsonl_records(_lines(stream, "\n", source, key))
+    if fmt == "csv":
+        return _csv_records(_lines(stream, "", source, key), source, key)
+    if fmt == "fixture":
+        return _fixture_records(_text(stream.read(), source, key), source, key)
+    raise SampleFileError(
+        f"source {source!r}, file {key!r}: unknown sample format (extensions: {', '.join(FORMATS)})"
+    )
+
+
+class SampleStream:
+    """A sample file read as chunks of valid samples, its rejections counted on the way.
+
+    Iterating (once) yields lists of at most ``chunk_samples`` valid samples, in file order;
+    meanwhile ``rejected`` counts every rejected sample and ``rejections`` lists the first
+    ``max_listed`` of them (every one when None). JSON lines and CSV are read a line at a time,
+    so memory holds one chunk whatever the file's size; a fixture file is read whole.
+    """
+
+    def __init__(
+        self, records: Iterator[_Raw], limits: SampleLimits, chunk_samples: int, max_listed: int | None
+    ) -> None:
+        if chunk_samples < 1:
+            raise ValueError(f"chunk_samples must be at least 1, not {chunk_samples}")
+        self._records = records
+        self._limits = limits
+        self._chunk_samples = chunk_samples
+        self._max_listed = max_listed
+        self.valid = 0
+        self.rejected = 0
+        self.rejections: list[Rejection] = []
+
+    def __iter__(self) -> Iterator[list[Sample]]:
+        chunk: list[Sample] = []
+        for line, raw, problem in self._records:
+            if problem is None:
+                try:
+                    sample = validate_sample(raw, line, self._limits)
+                except ValueError as e:
+                    problem = str(e)
+                else:
+                    chunk.append(sample)
+                    if len(chunk) >= self._chunk_samples:
+                        self.valid += len(chunk)
+                        yield chunk
+                        chunk = []
+                    continue
+            self.rejected += 1
+            if self._max_listed is None or len(self.rejections) < self._max_listed:
+                self.rejections.append(Rejection(line=line, reason=problem))
+        if chunk:
+            self.valid += len(chunk)
+            yield chunk
+
+
+def stream_samples(
+    stream: IO[bytes],
+    key: str,
+    source: str,
+    limits: SampleLimits,
+    *,
+    chunk_samples: int = 100_000,
+    max_listed_rejections: int | None = None,
+) -> SampleStream:
+    """Read one sample file from ``stream`` in chunks; its format comes from the key's extension.
+
+    The stream is read as the result is iterated (a fixture file at once) and left open.
 
     Raises:
-        SampleFileError: the file as a whole cannot be read (unknown format, not UTF-8, a CSV
-            header without the sample fields, a fixture that is not a JSON array); the message
-            names the source, the file and the line.
+        SampleFileError: the file as a whole cannot be read (see :func:`parse_samples`); raised
+            while iterating when the fault lies past the file's start.
 
     """
-    fmt = sample_format(key)
-    text = _text(data, source, key)
-    if fmt == "jsonl":
-        records = _jsonl_records(text)
-    elif fmt == "csv":
-        records = _csv_records(text, source, key)
-    elif fmt == "fixture":
-        records = _fixture_records(text, source, key)
-    else:
-        raise SampleFileError(
-            f"source {source!r}, file {key!r}: unknown sample format (extensions: {', '.join(FORMATS)})"
-        )
-    samples: list[Sample] = []
-    rejections: list[Rejection] = []
-    for line, raw, problem in records:
-        if problem is None:
-            try:
-                samples.append(validate_sample(raw, line, limits))
-                continue
-            except ValueError as e:
-                problem = str(e)
-        rejections.append(Rejection(line=line, reason=problem))
-    return ParsedSamples(samples=samples, rejections=rejections)
+    return SampleStream(_records(stream, key, source), limits, chunk_samples, max_listed_rejections)
+
+
+def parse_samples(data: bytes, key: str, source: str, limits: SampleLimits) -> ParsedSamples:
+    """Parse and validate one sample file held in memory; its format comes from the key's extension.
+
+    Raises:
+        SampleFileError: the file as a whole cannot be read (unknown format, not UTF-8, a line
+            over :data:`MAX_LINE_CHARS` in a CSV file, a CSV header without the sample fields, a
+            fixture that is not a JSON array); the message names the source, the file and the line.
+
+    """
+    stream = stream_samples(io.BytesIO(data), key, source, limits)
+    samples = [sample for chunk in stream for sample in chunk]
+    return ParsedSamples(samples=samples, rejections=stream.rejections)
 
 
 def rejection_error(source: str, key: str, rejection: Rejection) -> InvalidSampleError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 from prefect import task
 
@@ -26,10 +27,15 @@ def list_sample_files(source: str, series: SeriesSettings, store: StoreSettings)
     **TASK_POLICY,
 )
 def ingest_sample_file(
-    source: str, key: str, series: SeriesSettings, store: StoreSettings
+    source: str,
+    key: str,
+    series: SeriesSettings,
+    store: StoreSettings,
+    scratch_dir: Path | None = None,
+    stale_scratch_seconds: float = 24 * 3600.0,
 ) -> SampleFileResult:
     """Task: :func:`skyvault.series.ingest.ingest_sample_file` (one transaction per file)."""
-    return ingest.ingest_sample_file(source, key, series, store)
+    return ingest.ingest_sample_file(source, key, series, store, scratch_dir, stale_scratch_seconds)
 
 
 @task(name="seed-blocks", task_run_name="seed-series/{source}/{level}", **TASK_POLICY)

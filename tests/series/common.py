@@ -52,6 +52,20 @@ def stored_rows(series: SeriesSettings) -> list[tuple[str, int, float, float, fl
     return [(str(r[0]), int(r[1]), float(r[2]), float(r[3]), float(r[4]), str(r[5])) for r in rows]
 
 
+def recorded_files(series: SeriesSettings) -> list[tuple[str, str, str, int, int, int]]:
+    """The ``series_files`` records read straight from the database: source, key, sha256, inserted,
+    duplicate, rejected, by key."""
+    query = "SELECT source, key, sha256, inserted, duplicate, rejected FROM series_files ORDER BY key, sha256"
+    if series.database == "sqlite":
+        with sqlite3.connect(series.sqlite_path) as conn:
+            rows = conn.execute(query).fetchall()
+    else:
+        assert series.dsn is not None
+        with psycopg.connect(series.dsn) as pg:
+            rows = pg.execute(query).fetchall()
+    return [(str(r[0]), str(r[1]), str(r[2]), int(r[3]), int(r[4]), int(r[5])) for r in rows]
+
+
 def make_samples(
     rng: np.random.Generator,
     nodes: list[str],
@@ -80,6 +94,38 @@ def make_samples(
                 }
             )
     return out
+
+
+def many_samples_jsonl(
+    count: int, seed: int, bad_every: int | None = None
+) -> tuple[bytes, set[tuple[str, int]], int]:
+    """JSON lines of ``count`` samples of four nodes, one minute apart, quickly written; with
+    ``bad_every``, every such sample has an invalid status.
+
+    Returns the file, the (node, timestamp) pairs of its valid samples, and its invalid count.
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [str(uuid.UUID(bytes=rng.bytes(16), version=4)) for _ in range(4)]
+    co2 = rng.integers(350, 5000, count)
+    temperature = rng.integers(-200, 400, count)
+    humidity = rng.integers(0, 10000, count)
+    t0 = 1_782_000_000
+    lines = []
+    valid: set[tuple[str, int]] = set()
+    bad = 0
+    for i in range(count):
+        node, ts = nodes[i % 4], t0 + (i // 4) * 60
+        status = "M"
+        if bad_every is not None and i % bad_every == bad_every // 2:
+            status, bad = "Q", bad + 1
+        else:
+            valid.add((node, ts))
+        lines.append(
+            f'{{"node": "{node}", "timestamp_s": {ts}, "co2_ppm": {co2[i]}, '
+            f'"temperature_celsius": {temperature[i] / 10}, "rel_humidity_percent": {humidity[i] / 100}, '
+            f'"status": "{status}"}}\n'
+        )
+    return "".join(lines).encode(), valid, bad
 
 
 def new_nodes(n: int) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from skyvault.config.settings import SampleLimits, SeriesSettings
 from skyvault.errors import SampleFileError
-from skyvault.series.samples import Sample, parse_samples
+from skyvault.series.samples import MAX_LINE_CHARS, Sample, parse_samples, stream_samples
 from tests.series.common import SOURCE, csv_bytes, fixture_json, jsonl, make_samples, new_nodes
 
 LIMITS = SampleLimits()
@@ -166,3 +167,79 @@ def test_an_unreadable_file_fails_naming_source_file_and_line(
     assert key in message
     assert f"line {line}" in message
     assert words in message
+
+
+def test_a_stream_yields_bounded_chunks_of_the_samples_at_their_lines() -> None:
+    samples = make_samples(
+        np.random.default_rng(4), new_nodes(2), dt.datetime(2026, 3, 1, tzinfo=dt.UTC), 3600, keep=1.0
+    )
+    header = "\ufeffnode,timestamp_s,co2_ppm,temperature_celsius,rel_humidity_percent,status,note\r\n"
+    rows: list[str] = []
+    expected_lines: list[int] = []
+    bad_lines: list[int] = []
+    line = 2
+    for n, s in enumerate(samples):
+        note = '"two\r\nlines"' if n % 10 == 4 else "plain"  # a quoted field spanning two lines
+        status = "Q" if n % 13 == 6 else s["status"]
+        rows.append(
+            f"{s['node']},{s['timestamp_s']},{s['co2_ppm']},{s['temperature_celsius']},"
+            f"{s['rel_humidity_percent']},{status},{note}\r\n"
+        )
+        (bad_lines if status == "Q" else expected_lines).append(line)
+        line += 2 if n % 10 == 4 else 1
+    data = (header + "".join(rows)).encode()
+
+    stream = stream_samples(io.BytesIO(data), "landing/samples/office/a.csv", SOURCE, LIMITS, chunk_samples=7)
+    chunks = list(stream)
+    assert [len(c) for c in chunks[:-1]] == [7] * (len(chunks) - 1)
+    assert 1 <= len(chunks[-1]) <= 7
+    got = [s for c in chunks for s in c]
+    assert [s.line for s in got] == expected_lines
+    assert [s.timestamp_s for s in got] == [s["timestamp_s"] for n, s in enumerate(samples) if n % 13 != 6]
+    assert (stream.valid, stream.rejected) == (len(expected_lines), len(bad_lines))
+    assert [r.line for r in stream.rejections] == bad_lines
+
+
+def test_rejections_listed_by_a_stream_stop_at_its_cap_and_all_are_counted() -> None:
+    node = new_nodes(1)[0]
+    lines = [
+        json.dumps({"node": node, "timestamp_s": 1_780_000_000 + n, "co2_ppm": 800, "status": "M"})
+        for n in range(50)
+    ]
+    stream = stream_samples(
+        io.BytesIO("\n".join(lines).encode()),
+        "landing/samples/office/a.jsonl",
+        SOURCE,
+        LIMITS,
+        max_listed_rejections=5,
+    )
+    assert list(stream) == []
+    assert stream.rejected == 50
+    assert [r.line for r in stream.rejections] == [1, 2, 3, 4, 5]
+    assert all(r.reason == "temperature_celsius is missing" for r in stream.rejections)
+
+
+def test_an_overlong_line_is_rejected_in_json_lines_and_fails_a_csv_file() -> None:
+    row = {
+        "node": new_nodes(1)[0],
+        "timestamp_s": 1_780_000_000,
+        "co2_ppm": 800,
+        "temperature_celsius": 21.5,
+        "rel_humidity_percent": 40,
+        "status": "M",
+    }
+    huge = json.dumps({**row, "comment": "x" * (MAX_LINE_CHARS + 10)})
+    later = json.dumps({**row, "timestamp_s": 1_780_000_060})
+    parsed = parse_samples(
+        f"{json.dumps(row)}\n{huge}\n{later}\n".encode(), "landing/samples/office/a.jsonl", SOURCE, LIMITS
+    )
+    assert [s.line for s in parsed.samples] == [1, 3]
+    assert [r.line for r in parsed.rejections] == [2]
+    assert "longer than" in parsed.rejections[0].reason
+
+    text = "node,timestamp_s,co2_ppm,temperature_celsius,rel_humidity_percent,status\n"
+    text += f"{row['node']},1780000000,800,21.5,40,M\n" + "9" * (MAX_LINE_CHARS + 10) + "\n"
+    with pytest.raises(SampleFileError) as caught:
+        parse_samples(text.encode(), "landing/samples/office/a.csv", SOURCE, LIMITS)
+    assert "line 3" in str(caught.value)
+    assert "longer than" in str(caught.value)
