@@ -38,6 +38,7 @@ from skyvault.gateway.map import map_router
 from skyvault.gateway.payloads import json_object, validated
 from skyvault.gateway.products import ProductState, list_products, product_view, retry_product
 from skyvault.gateway.runs import Runs
+from skyvault.gateway.samples import samples_router
 from skyvault.gateway.series import series_router
 from skyvault.storage.store import open_store
 
@@ -184,6 +185,7 @@ def create_app(settings: Settings, runs: Runs | None = None) -> FastAPI:
     app.include_router(api)
     app.include_router(map_router(settings, store, prefect, None if settings.gateway.public_map else caller))
     app.include_router(series_router(settings, store, prefect, caller))
+    app.include_router(samples_router(settings, store, prefect, caller))
     return app
 
 
