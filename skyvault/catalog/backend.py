@@ -6,8 +6,6 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-import pystac
-
 from skyvault.config.collections import CollectionConfig
 from skyvault.errors import (
     CatalogError,
@@ -143,8 +141,9 @@ def check_item_shape(item: dict[str, Any]) -> None:
     props = item.get("properties")
     if not isinstance(props, dict):
         raise CatalogError(f"{name} has no properties")
-    when, start, end = (parse_time(props.get(k)) for k in ("datetime", "start_datetime", "end_datetime"))
-    if when is None and (start is None or end is None):
+    if parse_time(props.get("datetime")) is None and (
+        parse_time(props.get("start_datetime")) is None or parse_time(props.get("end_datetime")) is None
+    ):
         raise CatalogError(
             f"{name} has no readable datetime, nor both start_datetime and end_datetime "
             f"(datetime {props.get('datetime')!r})"
@@ -164,8 +163,9 @@ def item_datetime_key(item: dict[str, Any]) -> tuple[str | None, str | None, str
 
 
 def iso_time(value: dt.datetime) -> str:
-    text: str = pystac.utils.datetime_to_str(utc(value))
-    return text
+    """``value`` as ISO 8601 UTC text ending in ``Z`` (naive = UTC), as pystac writes times."""
+    text = utc(value).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
 def readable_interval(item: dict[str, Any]) -> tuple[dt.datetime, dt.datetime] | None:

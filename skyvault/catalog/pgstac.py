@@ -41,7 +41,6 @@ from typing import Any, TypeVar
 import psycopg
 import psycopg.conninfo
 import psycopg.errors
-import pystac
 from psycopg import sql
 from psycopg.rows import BaseRowFactory, TupleRow, tuple_row
 from psycopg.types.json import Jsonb
@@ -383,6 +382,8 @@ class PgstacCatalog:
 
     @staticmethod
     def _collection_doc(collection: CollectionConfig) -> dict[str, Any]:
+        import pystac  # only to create a collection: a bulk load's process need not import it
+
         unbounded: list[list[dt.datetime | None]] = [[None, None]]
         extent = pystac.Extent(pystac.SpatialExtent([list(WORLD_BBOX)]), pystac.TemporalExtent(unbounded))
         doc: dict[str, Any] = pystac.Collection(
