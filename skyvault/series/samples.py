@@ -152,6 +152,19 @@ def sample_format(key: str) -> str | None:
 
 def _number(raw: Mapping[str, Any], name: str) -> float:
     value = raw.get(name)
+    kind = type(value)
+    if kind is str and value:  # the common cases first: CSV text, JSON numbers
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{name} {value!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{name} {value!r} is not a finite number")
+        return number
+    if kind is float or kind is int:
+        if not math.isfinite(value):
+            raise ValueError(f"{name} {value!r} is not a finite number")
+        return float(value)
     if value is None or value == "":
         raise ValueError(f"{name} is missing")
     if isinstance(value, bool):
@@ -209,6 +222,24 @@ def _looks_numeric(text: str) -> bool:
     return True
 
 
+#: Node ids already parsed: a file names a few nodes many times (cleared when it grows large).
+_NODES: dict[str, uuid.UUID] = {}
+_MAX_CACHED_NODES = 100_000
+
+
+def _node(text: str) -> uuid.UUID:
+    node = _NODES.get(text)
+    if node is None:
+        try:
+            node = uuid.UUID(text)
+        except ValueError:
+            raise ValueError(f"node {text!r} is not a UUID") from None
+        if len(_NODES) >= _MAX_CACHED_NODES:
+            _NODES.clear()
+        _NODES[text] = node
+    return node
+
+
 def validate_sample(raw: Any, line: int, limits: SampleLimits) -> Sample:
     """One sample from its raw fields, checked against ``limits``.
 
@@ -221,10 +252,7 @@ def validate_sample(raw: Any, line: int, limits: SampleLimits) -> Sample:
     node_text = raw.get("node", raw.get("node_id"))
     if node_text in (None, ""):
         raise ValueError("node is missing")
-    try:
-        node = uuid.UUID(str(node_text))
-    except ValueError:
-        raise ValueError(f"node {node_text!r} is not a UUID") from None
+    node = _node(str(node_text))
     timestamp_s = _timestamp(raw)
     co2 = _in_range("co2_ppm", _number(raw, "co2_ppm"), limits.co2_ppm_min, limits.co2_ppm_max, "co2_ppm")
     temperature = _in_range(
@@ -361,7 +389,7 @@ def _csv_records(lines: Iterable[str | None], source: str, key: str) -> Iterator
             continue
         if None in row:
             yield start, None, "more values than header fields"
-        elif any(v is None for v in row.values()):
+        elif None in row.values():
             yield start, None, "fewer values than header fields"
         else:
             yield start, row, None
