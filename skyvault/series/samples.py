@@ -151,7 +151,7 @@ def sample_format(key: str) -> str | None:
 
 
 def _number(raw: Mapping[str, Any], name: str) -> float:
-    value = raw.get(name)
+    value: Any = raw.get(name)
     kind = type(value)
     if kind is str and value:  # the common cases first: CSV text, JSON numbers
         try:
@@ -161,7 +161,7 @@ def _number(raw: Mapping[str, Any], name: str) -> float:
         if not math.isfinite(number):
             raise ValueError(f"{name} {value!r} is not a finite number")
         return number
-    if kind is float or kind is int:
+    if kind is float or kind is int:  # not bool, an int subclass
         if not math.isfinite(value):
             raise ValueError(f"{name} {value!r} is not a finite number")
         return float(value)
