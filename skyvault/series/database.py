@@ -417,13 +417,27 @@ class PostgresSampleDatabase:
         return row is not None
 
     def read_samples(self, source: str, start_s: int, end_s: int, statuses: Sequence[str]) -> SampleArrays:
+        # one row per node holding its columns as arrays, in binary: far fewer Python objects
+        # than a row per sample (a month of 100 nodes at 1 min is 4 million samples)
+        columns = ", ".join(f"array_agg({c} ORDER BY ts)" for c in ("ts", *VARIABLES))
         with self._errors(f"cannot read samples of source {source!r}"):
             rows = self._conn.execute(
-                f"SELECT node, ts, {', '.join(VARIABLES)} FROM series_samples"
-                " WHERE source = %s AND ts >= %s AND ts < %s AND status = ANY(%s) ORDER BY node, ts",
+                f"SELECT node::text, {columns} FROM series_samples"
+                " WHERE source = %s AND ts >= %s AND ts < %s AND status = ANY(%s)"
+                " GROUP BY node ORDER BY node",
                 (source, start_s, end_s, list(statuses)),
+                binary=True,
             ).fetchall()
-        return _arrays(rows)
+        if not rows:
+            return _arrays([])
+        return SampleArrays(
+            node=np.repeat(np.array([r[0] for r in rows], dtype="U36"), [len(r[1]) for r in rows]),
+            ts=np.concatenate([np.array(r[1], dtype=np.int64) for r in rows]),
+            values={
+                v: np.concatenate([np.array(r[2 + i], dtype=np.float64) for r in rows])
+                for i, v in enumerate(VARIABLES)
+            },
+        )
 
     def close(self) -> None:
         self._conn.close()
