@@ -324,3 +324,53 @@ def test_a_connection_the_server_dropped_is_reopened(pgstac_dsn: str) -> None:
 
     assert cat.existing_ids("scenes", ["a", "b"]) == {"a"}
     assert [r.created for r in cat.upsert_items(SCENES, [make_item("a"), make_item("b")])] == [False, True]
+
+
+def test_geometries_are_stored_as_pypgstac_encodes_them_and_a_broken_one_is_refused(pgstac_dsn: str) -> None:
+    from plpygis import Geometry  # pypgstac's own encoder: the reference
+
+    shapes: dict[str, dict[str, Any]] = {
+        "polygon": make_item("polygon")["geometry"],
+        "antimeridian": {
+            "type": "MultiPolygon",
+            "coordinates": [
+                [[[170.5, -10.25], [180.0, -10.25], [180.0, 0.125], [170.5, 0.125], [170.5, -10.25]]],
+                [[[-180.0, -10.25], [-169.75, -10.25], [-169.75, 0.125], [-180.0, 0.125], [-180.0, -10.25]]],
+            ],
+        },
+        "with-height": {
+            "type": "Polygon",
+            "coordinates": [[[1.1, 2.2, 30.5], [1.9, 2.2, 31.0], [1.9, 2.8, 29.0], [1.1, 2.2, 30.5]]],
+        },
+        "with-hole": {
+            "type": "Polygon",
+            "coordinates": [
+                [[0.0, 0.0], [4.0, 0.0], [4.0, 4.0], [0.0, 4.0], [0.0, 0.0]],
+                [[1.0, 1.0], [1.0, 2.0], [2.0, 2.0], [2.0, 1.0], [1.0, 1.0]],
+            ],
+        },
+        "named-crs": {
+            "type": "Point",
+            "coordinates": [0.1 + 0.2, 45.123456789012345],
+            "crs": {"type": "name", "properties": {"name": "EPSG:3857"}},
+        },
+    }
+    items = [{**make_item(name), "geometry": geometry} for name, geometry in shapes.items()]
+    broken = {**make_item("broken"), "geometry": {"type": "Polygon", "coordinates": [[[0.0, 0.0], [1.0]]]}}
+
+    with pytest.raises(ItemsRejectedError) as info:
+        catalog(pgstac_dsn).upsert_items(SCENES, [*items, broken])
+
+    assert set(info.value.errors) == {"broken"}
+    stored = dict(
+        sql(
+            pgstac_dsn,
+            "SELECT id, encode(st_asewkb(geometry), 'hex') FROM pgstac.items WHERE collection = 'scenes'",
+        )
+    )
+    expected = {
+        name: str(Geometry.from_geojson({k: v for k, v in g.items() if k != "crs"}).ewkb).lower()
+        for name, g in shapes.items()
+    }
+    assert stored == expected
+    assert {s for (s,) in sql(pgstac_dsn, "SELECT DISTINCT st_srid(geometry) FROM pgstac.items")} == {4326}
