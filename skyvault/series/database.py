@@ -97,12 +97,6 @@ class SampleDatabase(Protocol):
         """
         ...
 
-    def ingest_file(
-        self, source: str, key: str, sha256: str, samples: Sequence[Sample], rejected: int
-    ) -> InsertOutcome | None:
-        """:meth:`ingest_chunks` for a file whose samples are all in memory."""
-        ...
-
     def file_ingested(self, source: str, key: str, sha256: str) -> bool:
         """True when this file (key and content) was ingested before."""
         ...
@@ -158,11 +152,6 @@ class SqliteSampleDatabase:
             yield
         except sqlite3.Error as e:
             raise _sqlite_error(e, f"{self.name}: {what}") from e
-
-    def ingest_file(
-        self, source: str, key: str, sha256: str, samples: Sequence[Sample], rejected: int
-    ) -> InsertOutcome | None:
-        return self.ingest_chunks(source, key, sha256, [samples], rejected)
 
     def ingest_chunks(
         self,
@@ -328,11 +317,6 @@ class PostgresSampleDatabase:
             raise TransientSeriesDatabaseError(f"{self.name}: {what}: {e}") from e
         except psycopg.Error as e:
             raise SeriesDatabaseError(f"{self.name}: {what}: {e}") from e
-
-    def ingest_file(
-        self, source: str, key: str, sha256: str, samples: Sequence[Sample], rejected: int
-    ) -> InsertOutcome | None:
-        return self.ingest_chunks(source, key, sha256, [samples], rejected)
 
     def ingest_chunks(
         self,

@@ -64,7 +64,7 @@ def gateway(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> 
     samples = make_samples(np.random.default_rng(3), new_nodes(2), START, 4 * DAY, step=300, statuses="MRE")
     with sample_database(series) as db:
         parsed = [validate_sample(s, n + 1, SampleLimits()) for n, s in enumerate(samples)]
-        db.ingest_file(SOURCE, "landing/samples/office/a.jsonl", "sha-a", parsed, 0)
+        db.ingest_chunks(SOURCE, "landing/samples/office/a.jsonl", "sha-a", [parsed], 0)
     (folder / "password").write_text(PASSWORD + "\n")
     (folder / "token").write_text(TOKEN + "\n")
     config = {

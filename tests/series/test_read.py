@@ -65,7 +65,7 @@ def _assert_same(a: SeriesRead, b: SeriesRead) -> None:
 def _store_samples(series: SeriesSettings, samples: list[dict[str, Any]]) -> None:
     parsed = [validate_sample(s, n + 1, SampleLimits()) for n, s in enumerate(samples)]
     with sample_database(series) as db:
-        db.ingest_file(SOURCE, "landing/samples/office/test.jsonl", "sha-test", parsed, 0)
+        db.ingest_chunks(SOURCE, "landing/samples/office/test.jsonl", "sha-test", [parsed], 0)
 
 
 def _reader_script(tmp_path: Path, samples: list[dict[str, Any]]) -> list[str]:
