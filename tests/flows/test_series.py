@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,6 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
 from skyvault.config.settings import Settings, StoreSettings
 from skyvault.flows.series import ingest_samples, seed_series
@@ -30,6 +27,7 @@ from tests.series.common import (
     new_nodes,
     pairs,
     stored_rows,
+    table_artifact,
 )
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -47,21 +45,6 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path, configure: Callable
     )
     body = series.model_dump(mode="json")
     return configure(StoreSettings(root=tmp_path / "store"), series=body)
-
-
-def _table(state: Any, key: str) -> list[dict[str, Any]]:
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
-                key=ArtifactFilterKey(any_=[key]),
-            )
-        )
-    assert len(found) == 1, f"artifact {key}"
-    data = found[0].data
-    rows = json.loads(data) if isinstance(data, str) else data
-    assert isinstance(rows, list)
-    return rows
 
 
 def _ingest() -> tuple[Any, SampleIngestReport]:
@@ -89,7 +72,7 @@ def test_ingest_samples_reports_exact_counts_and_rebuilds_the_touched_blocks(set
     assert state.is_completed()
     assert state.name == "Completed"
     assert (report.inserted, report.duplicate, report.rejected) == (len(first), 0, 0)
-    summary = _table(state, "ingest-samples-summary")
+    summary = table_artifact(state.state_details.flow_run_id, "ingest-samples-summary")
     assert summary[-1] == {
         "file": "total",
         "status": "",
@@ -129,12 +112,14 @@ def test_ingest_samples_reports_exact_counts_and_rebuilds_the_touched_blocks(set
     assert len(rows) == len(pairs(days))
     assert {(r[0], r[1]) for r in rows} == pairs(days)
 
-    files = {row["file"]: row for row in _table(state, "ingest-samples-summary")}
+    files = {
+        row["file"]: row for row in table_artifact(state.state_details.flow_run_id, "ingest-samples-summary")
+    }
     assert files[f"{landing}/first.jsonl"]["status"] == "already ingested"
     assert files["total"]["inserted"] == report.inserted == len(pairs(days)) - len(first)
     assert files["total"]["duplicate"] == report.duplicate
     assert files["total"]["rejected"] == 2
-    rejections = _table(state, "ingest-samples-rejections")
+    rejections = table_artifact(state.state_details.flow_run_id, "ingest-samples-rejections")
     assert [(r["file"], r["line"]) for r in rejections] == [
         (f"{landing}/second.csv", 6),
         (f"{landing}/second.csv", 7),
@@ -177,5 +162,5 @@ def test_seed_series_builds_every_block_of_an_interval(settings: Settings) -> No
         f"series/{SOURCE}/60s/20260201T000000Z.parquet",
         f"series/{SOURCE}/60s/20260202T000000Z.parquet",
     ]
-    summary = _table(state, "seed-series-summary")
+    summary = table_artifact(state.state_details.flow_run_id, "seed-series-summary")
     assert {r["level"]: r["blocks"] for r in summary} == {"60 s | daily": 4, "3600 s | monthly": 2}

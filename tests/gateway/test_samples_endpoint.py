@@ -18,9 +18,6 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import (
-    ArtifactFilter,
-    ArtifactFilterFlowRunId,
-    ArtifactFilterKey,
     DeploymentFilter,
     DeploymentFilterId,
 )
@@ -34,7 +31,16 @@ from skyvault.flows.series import ingest_samples
 from skyvault.series.samples import SampleIngestReport
 from skyvault.storage.store import ObjectStore, open_store
 from tests.gateway.conftest import PASSWORD, POOL, TOKEN, USER, gateway_process
-from tests.series.common import SOURCE, csv_bytes, fixture_json, jsonl, make_samples, new_nodes, stored_rows
+from tests.series.common import (
+    SOURCE,
+    csv_bytes,
+    fixture_json,
+    jsonl,
+    make_samples,
+    new_nodes,
+    stored_rows,
+    table_artifact,
+)
 
 OTHER_SOURCE = "lab"
 BODY_LIMIT = 64 * 1024
@@ -139,21 +145,6 @@ def execute(run_id: str) -> tuple[State[Any], SampleIngestReport]:
     return state, report
 
 
-def artifact_rows(run_id: str, key: str) -> list[dict[str, Any]]:
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(run_id)]),
-                key=ArtifactFilterKey(any_=[key]),
-            )
-        )
-    assert len(found) == 1, f"artifact {key}"
-    data = found[0].data
-    rows = json.loads(data) if isinstance(data, str) else data
-    assert isinstance(rows, list)
-    return rows
-
-
 BAD = {"co2_ppm": "lots"}
 
 
@@ -226,7 +217,7 @@ def test_a_batch_lands_unchanged_starts_one_run_and_its_samples_are_stored(
         )
         for s in valid
     }
-    rejected = artifact_rows(answer["run"]["id"], "ingest-samples-rejections")
+    rejected = table_artifact(answer["run"]["id"], "ingest-samples-rejections")
     assert [(r["file"], r["line"]) for r in rejected] == [(expected_key, bad_line)]
     assert "co2_ppm 'lots' is not a number" in rejected[0]["reason"]
 

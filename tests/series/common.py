@@ -15,8 +15,11 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-from skyvault.config.settings import SeriesSettings
+from skyvault.config.settings import SeriesSettings, StoreSettings
+from skyvault.storage.store import open_store
 
 SOURCE = "office"
 DAY = 86400
@@ -36,34 +39,58 @@ def database_settings(
     return SeriesSettings(database="postgresql", dsn=dsn, sources=sources, **extra)
 
 
-def stored_rows(series: SeriesSettings) -> list[tuple[str, int, float, float, float, str]]:
-    """Every stored sample read straight from the database: node, ts, co2, temperature, humidity, status."""
-    query = (
-        "SELECT node, ts, co2_ppm, temperature_celsius, rel_humidity_percent, status"
-        " FROM series_samples ORDER BY node, ts"
-    )
+def _fetch(series: SeriesSettings, query: str) -> list[tuple[Any, ...]]:
+    """The rows of ``query`` read straight from the sample database."""
     if series.database == "sqlite":
         with sqlite3.connect(series.sqlite_path) as conn:
-            rows = conn.execute(query).fetchall()
-    else:
-        assert series.dsn is not None
-        with psycopg.connect(series.dsn) as pg:
-            rows = pg.execute(query).fetchall()
+            return list(conn.execute(query).fetchall())
+    assert series.dsn is not None
+    with psycopg.connect(series.dsn) as pg:
+        return list(pg.execute(query).fetchall())
+
+
+def stored_rows(series: SeriesSettings) -> list[tuple[str, int, float, float, float, str]]:
+    """Every stored sample read straight from the database: node, ts, co2, temperature, humidity, status."""
+    rows = _fetch(
+        series,
+        "SELECT node, ts, co2_ppm, temperature_celsius, rel_humidity_percent, status"
+        " FROM series_samples ORDER BY node, ts",
+    )
     return [(str(r[0]), int(r[1]), float(r[2]), float(r[3]), float(r[4]), str(r[5])) for r in rows]
 
 
 def recorded_files(series: SeriesSettings) -> list[tuple[str, str, str, int, int, int]]:
     """The ``series_files`` records read straight from the database: source, key, sha256, inserted,
     duplicate, rejected, by key."""
-    query = "SELECT source, key, sha256, inserted, duplicate, rejected FROM series_files ORDER BY key, sha256"
-    if series.database == "sqlite":
-        with sqlite3.connect(series.sqlite_path) as conn:
-            rows = conn.execute(query).fetchall()
-    else:
-        assert series.dsn is not None
-        with psycopg.connect(series.dsn) as pg:
-            rows = pg.execute(query).fetchall()
+    rows = _fetch(
+        series,
+        "SELECT source, key, sha256, inserted, duplicate, rejected FROM series_files ORDER BY key, sha256",
+    )
     return [(str(r[0]), str(r[1]), str(r[2]), int(r[3]), int(r[4]), int(r[5])) for r in rows]
+
+
+def put_sample_file(store: StoreSettings, name: str, data: bytes) -> str:
+    """Land ``data`` as ``landing/samples/<SOURCE>/<name>``; returns its key."""
+    key = f"landing/samples/{SOURCE}/{name}"
+    open_store(store).put_bytes(key, data)
+    return key
+
+
+def table_artifact(flow_run_id: uuid.UUID | str | None, key: str) -> list[dict[str, Any]]:
+    """The rows of the flow run's table artifact ``key`` (exactly one must exist)."""
+    assert flow_run_id is not None
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(str(flow_run_id))]),
+                key=ArtifactFilterKey(any_=[key]),
+            )
+        )
+    assert len(found) == 1, f"artifact {key}"
+    data = found[0].data
+    rows = json.loads(data) if isinstance(data, str) else data
+    assert isinstance(rows, list)
+    return rows
 
 
 def make_samples(

@@ -13,7 +13,6 @@ import pytest
 from skyvault.config.settings import SeriesSettings, StoreSettings
 from skyvault.series.ingest import ingest_sample_file
 from skyvault.series.samples import SampleFileResult
-from skyvault.storage.store import open_store
 from tests.series.common import (
     DAY,
     SOURCE,
@@ -24,6 +23,7 @@ from tests.series.common import (
     make_samples,
     new_nodes,
     pairs,
+    put_sample_file,
     stored_rows,
 )
 
@@ -33,17 +33,6 @@ START = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
 @pytest.fixture(params=["sqlite", "postgresql"])
 def series(request: pytest.FixtureRequest, tmp_path: Path) -> SeriesSettings:
     return database_settings(request.param, tmp_path, request)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> StoreSettings:
-    return StoreSettings(root=tmp_path / "store")
-
-
-def _put(store: StoreSettings, name: str, data: bytes) -> str:
-    key = f"landing/samples/{SOURCE}/{name}"
-    open_store(store).put_bytes(key, data)
-    return key
 
 
 def _hours(samples: list[dict[str, Any]]) -> list[int]:
@@ -60,7 +49,7 @@ def test_resent_overlapping_and_backfilled_files_store_each_sample_once(
     day12 = [s for s in days if s["timestamp_s"] < START.timestamp() + 2 * DAY]
     day23 = [s for s in days if s["timestamp_s"] >= START.timestamp() + DAY]
 
-    first = ingest_sample_file(SOURCE, _put(store, "day1.jsonl", jsonl(day1)), series, store)
+    first = ingest_sample_file(SOURCE, put_sample_file(store, "day1.jsonl", jsonl(day1)), series, store)
     assert (first.skipped, first.inserted, first.duplicate, first.rejected) == (False, len(day1), 0, 0)
     assert first.hours == _hours(day1)
 
@@ -69,11 +58,15 @@ def test_resent_overlapping_and_backfilled_files_store_each_sample_once(
     assert again.inserted == 0
 
     # the same samples re-sent under another name and format: all duplicates
-    resent = ingest_sample_file(SOURCE, _put(store, "day1-again.csv", csv_bytes(day1)), series, store)
+    resent = ingest_sample_file(
+        SOURCE, put_sample_file(store, "day1-again.csv", csv_bytes(day1)), series, store
+    )
     assert (resent.skipped, resent.inserted, resent.duplicate) == (False, 0, len(day1))
     assert resent.hours == []
 
-    overlap = ingest_sample_file(SOURCE, _put(store, "day12.csv", csv_bytes(day12, iso=True)), series, store)
+    overlap = ingest_sample_file(
+        SOURCE, put_sample_file(store, "day12.csv", csv_bytes(day12, iso=True)), series, store
+    )
     new = pairs(day12) - pairs(day1)
     assert (overlap.inserted, overlap.duplicate) == (len(new), len(day1))
     assert overlap.hours == sorted({ts - ts % 3600 for _, ts in new})
@@ -81,7 +74,9 @@ def test_resent_overlapping_and_backfilled_files_store_each_sample_once(
     # a backfill dump of days 2-3 that repeats day 2 inside itself
     repeated = [s for s in day23 if s["timestamp_s"] < START.timestamp() + 2 * DAY]
     dump = day23 + repeated
-    backfill = ingest_sample_file(SOURCE, _put(store, "backfill.json", fixture_json(dump)), series, store)
+    backfill = ingest_sample_file(
+        SOURCE, put_sample_file(store, "backfill.json", fixture_json(dump)), series, store
+    )
     assert backfill.inserted == len(pairs(days) - pairs(day12))
     assert backfill.duplicate == len(dump) - backfill.inserted
 
@@ -105,7 +100,7 @@ def test_a_file_with_bad_lines_stores_the_good_ones(series: SeriesSettings, stor
     samples = make_samples(np.random.default_rng(3), new_nodes(1), START, 3600, keep=1.0)
     samples[10]["co2_ppm"] = 20000
     samples[20]["status"] = "Q"
-    result = ingest_sample_file(SOURCE, _put(store, "bad.jsonl", jsonl(samples)), series, store)
+    result = ingest_sample_file(SOURCE, put_sample_file(store, "bad.jsonl", jsonl(samples)), series, store)
     assert (result.inserted, result.duplicate, result.rejected) == (len(samples) - 2, 0, 2)
     assert [r.line for r in result.rejections] == [11, 21]
     assert "co2_ppm 20000" in result.rejections[0].reason
@@ -134,7 +129,7 @@ def test_concurrent_ingests_of_overlapping_files_lose_and_double_nothing(
     third = len(samples) // 3
     # four files, each overlapping the others, written in different orders
     parts = [samples[: 2 * third], samples[third:], samples[::2], samples[::-3]]
-    keys = [_put(store, f"part{n}.jsonl", jsonl(p)) for n, p in enumerate(parts)]
+    keys = [put_sample_file(store, f"part{n}.jsonl", jsonl(p)) for n, p in enumerate(parts)]
     ctx = multiprocessing.get_context("spawn")
     barrier, out = ctx.Barrier(len(keys)), ctx.Queue()
     procs = [

@@ -15,7 +15,6 @@ import pytest
 from skyvault.config.settings import SeriesSettings, StoreSettings
 from skyvault.errors import SampleFileError
 from skyvault.series.ingest import ingest_sample_file
-from skyvault.storage.store import open_store
 from tests.series.common import (
     SOURCE,
     csv_bytes,
@@ -26,6 +25,7 @@ from tests.series.common import (
     many_samples_jsonl,
     new_nodes,
     pairs,
+    put_sample_file,
     recorded_files,
     stored_rows,
 )
@@ -37,17 +37,6 @@ CHUNK = 40
 @pytest.fixture(params=["sqlite", "postgresql"])
 def series(request: pytest.FixtureRequest, tmp_path: Path) -> SeriesSettings:
     return database_settings(request.param, tmp_path, request, ingest_chunk_samples=CHUNK)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> StoreSettings:
-    return StoreSettings(root=tmp_path / "store")
-
-
-def _put(store: StoreSettings, name: str, data: bytes) -> str:
-    key = f"landing/samples/{SOURCE}/{name}"
-    open_store(store).put_bytes(key, data)
-    return key
 
 
 def _row(s: dict[str, Any]) -> tuple[str, int, float, float, float, str]:
@@ -101,7 +90,7 @@ def test_a_file_of_many_chunks_goes_in_once_with_exact_counts_and_lines(
     for s in valid:
         first.setdefault((s["node"], s["timestamp_s"]), s)
 
-    key = _put(store, "messy.jsonl", data)
+    key = put_sample_file(store, "messy.jsonl", data)
     result = ingest_sample_file(SOURCE, key, series, store, scratch)
 
     assert result.sha256 == hashlib.sha256(data).hexdigest()
@@ -122,7 +111,9 @@ def test_a_file_of_many_chunks_goes_in_once_with_exact_counts_and_lines(
     )
     later = [s for s in later if s["timestamp_s"] >= START.timestamp() + 4 * 3600]
     new = pairs(later) - set(first)
-    overlap = ingest_sample_file(SOURCE, _put(store, "later.csv", csv_bytes(later)), series, store, scratch)
+    overlap = ingest_sample_file(
+        SOURCE, put_sample_file(store, "later.csv", csv_bytes(later)), series, store, scratch
+    )
     assert (overlap.inserted, overlap.duplicate, overlap.rejected) == (len(new), len(later) - len(new), 0)
     assert overlap.hours == sorted({ts - ts % 3600 for _, ts in new})
     assert len(stored_rows(series)) == len(first) + len(new)
@@ -144,7 +135,7 @@ def test_a_file_unreadable_after_many_chunks_leaves_nothing_stored(
     lines = good.splitlines(keepends=True)
     broken_line = 10 * CHUNK + 3
     lines[broken_line - 1] = b'{"node": "\xff"}\n'
-    key = _put(store, "broken.jsonl", b"".join(lines))
+    key = put_sample_file(store, "broken.jsonl", b"".join(lines))
 
     with pytest.raises(SampleFileError) as caught:
         ingest_sample_file(SOURCE, key, series, store, scratch)
@@ -154,7 +145,7 @@ def test_a_file_unreadable_after_many_chunks_leaves_nothing_stored(
     assert recorded_files(series) == []
     assert _left_in(scratch) == []
 
-    _put(store, "broken.jsonl", good)  # the file is sent again, whole
+    put_sample_file(store, "broken.jsonl", good)  # the file is sent again, whole
     result = ingest_sample_file(SOURCE, key, series, store, scratch)
     assert (result.inserted, result.duplicate, result.rejected) == (len(samples), 0, 0)
     assert stored_rows(series) == sorted(_row(s) for s in samples)
@@ -175,7 +166,11 @@ def test_rejections_are_all_counted_and_the_first_ones_listed(
             lines.append(json.dumps(s))
     kept = [s for n, s in enumerate(samples) if n % 3]
     result = ingest_sample_file(
-        SOURCE, _put(store, "garbage.jsonl", "\n".join(lines).encode()), series, store, tmp_path / "scratch"
+        SOURCE,
+        put_sample_file(store, "garbage.jsonl", "\n".join(lines).encode()),
+        series,
+        store,
+        tmp_path / "scratch",
     )
     assert len(bad) > 25
     assert result.rejected == len(bad)
@@ -192,7 +187,7 @@ def test_memory_stays_bounded_by_the_chunk_not_the_file(
 ) -> None:
     series = database_settings(kind, tmp_path, request, ingest_chunk_samples=2000)
     data, valid, _ = many_samples_jsonl(150_000, seed=10)
-    key = _put(store, "big.jsonl", data)
+    key = put_sample_file(store, "big.jsonl", data)
     size = len(data)
     del data
     assert size > 20 * 1024**2
@@ -217,10 +212,12 @@ def test_only_fixture_json_is_bound_by_max_file_bytes(tmp_path: Path, store: Sto
     samples = make_samples(np.random.default_rng(12), new_nodes(1), START, 3600, step=60, keep=1.0)
     lines = jsonl(samples)
     assert len(lines) > 2000
-    streamed = ingest_sample_file(SOURCE, _put(store, "a.jsonl", lines), series, store, tmp_path / "scratch")
+    streamed = ingest_sample_file(
+        SOURCE, put_sample_file(store, "a.jsonl", lines), series, store, tmp_path / "scratch"
+    )
     assert streamed.inserted == len(samples)
 
-    key = _put(store, "a.json", fixture_json(samples))
+    key = put_sample_file(store, "a.json", fixture_json(samples))
     with pytest.raises(SampleFileError) as caught:
         ingest_sample_file(SOURCE, key, series, store, tmp_path / "scratch")
     assert key in str(caught.value)
