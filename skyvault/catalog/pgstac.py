@@ -218,8 +218,8 @@ class _Loader(Loader):
         item: dict[str, Any] = _item
         geometry = item.get("geometry")
         if not isinstance(geometry, dict):
-            return dict(super().format_item(item))
-        out = dict(super().format_item({**item, "geometry": None}))
+            return super().format_item(item)
+        out = super().format_item({**item, "geometry": None})
         out["geometry"] = geojson_4326(geometry)
         return out
 
