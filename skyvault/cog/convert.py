@@ -64,7 +64,7 @@ from rasterio.transform import array_bounds
 from rasterio.warp import calculate_default_transform, reproject
 from rasterio.windows import Window
 
-from skyvault.checksum import sha256_file, sha256_stream
+from skyvault.checksum import sha256_stream
 from skyvault.cog.georef import (
     GcpMethod,
     Placement,
@@ -225,7 +225,7 @@ def preprocess_product(
                 cog_path, source_sha256, cog_hash = _make_cog(
                     product, collection, objects, source, env, work, pool, known, limits, fingerprint
                 )
-                objects.put_file(key, cog_path, content_type=COG_MEDIA_TYPE)
+                objects.move_file(key, cog_path, content_type=COG_MEDIA_TYPE)
                 sha256, size = cog_hash.result()
             created = True
     info = CogInfo(
@@ -308,7 +308,8 @@ def _make_cog(
     assert source_sha256 is not None
     _check_unchanged(objects, source, label)
     _set_source_sha256(cog_path, placeholder, source_sha256, label)
-    cog_hash = pool.submit(sha256_file, cog_path)
+    # opened here, so the hash reads the COG even once it has been moved into the store
+    cog_hash = pool.submit(_sha256_opened, cog_path.open("rb", buffering=0))
     _validate(cog_path, source_sha256, label, cog_key(collection.id, product.id))
     return cog_path, source_sha256, cog_hash
 
@@ -337,6 +338,12 @@ def _gdal(env: dict[str, Any]) -> Iterator[None]:
 
 class _HashCancelledError(Exception):
     """Hashing was abandoned because the conversion failed."""
+
+
+def _sha256_opened(stream: IO[bytes]) -> tuple[str, int]:
+    """Hex sha256 and size of an open file, which is closed afterwards."""
+    with stream:
+        return sha256_stream(stream)
 
 
 def _sha256_object(objects: ObjectStore, key: str, cancel: threading.Event) -> tuple[str, int]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -64,6 +65,14 @@ class ObjectStore(Protocol):
     """What skyvault needs from an object store."""
 
     def put_file(self, key: str, path: Path, content_type: str | None = None) -> None: ...
+    def move_file(self, key: str, path: Path, content_type: str | None = None) -> None:
+        """Store the local file ``path`` as ``key`` and remove it from ``path``.
+
+        A local store on the same filesystem renames it into place (no copy); otherwise it is
+        copied or uploaded, then removed.
+        """
+        ...
+
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None: ...
     def get_file(self, key: str, dest: Path) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
@@ -224,6 +233,34 @@ class LocalStore:
         dest = self._path(key)
         with self._atomic(dest) as tmp:
             shutil.copyfile(path, tmp)
+
+    def move_file(self, key: str, path: Path, content_type: str | None = None) -> None:
+        dest = self._path(key)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            sweep_dead_writes(dest.parent)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise StorageError(f"cannot write {dest}: {e}") from e
+        try:
+            if os.fstat(fd).st_dev != os.stat(dest.parent).st_dev:
+                self.put_file(key, path, content_type)
+                path.unlink()
+                return
+            # the file is locked before it appears as a .part file, as every .part file is
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}{PART_SUFFIX}"
+            os.rename(path, tmp)
+            try:
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, dest)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        except OSError as e:
+            raise StorageError(f"cannot write {dest}: {e}") from e
+        finally:
+            os.close(fd)
 
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         dest = self._path(key)
@@ -522,7 +559,14 @@ class S3Store:
     def put_file(self, key: str, path: Path, content_type: str | None = None) -> None:
         extra = {"ContentType": content_type} if content_type else None
         with self._errors(check_key(key)):
-            self._client.upload_file(str(path), self.bucket, key, ExtraArgs=extra)
+            try:
+                self._client.upload_file(str(path), self.bucket, key, ExtraArgs=extra)
+            except (FileNotFoundError, IsADirectoryError, PermissionError) as e:  # the local file
+                raise StorageError(f"cannot upload {path} as {key!r}: {e}") from e
+
+    def move_file(self, key: str, path: Path, content_type: str | None = None) -> None:
+        self.put_file(key, path, content_type)
+        path.unlink(missing_ok=True)
 
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         kwargs: dict[str, Any] = {"ContentType": content_type} if content_type else {}

@@ -56,6 +56,32 @@ def test_put_get_roundtrip(store: ObjectStore, tmp_path: Path) -> None:
     assert not store.exists("cogs/c/p.tif")
 
 
+def test_move_file_stores_the_file_and_takes_it_away(store: ObjectStore, tmp_path: Path) -> None:
+    payload = b"\x00cog" * 1000
+    store.put_bytes("cogs/c/p.tif", b"old")
+    src = tmp_path / "scratch" / "p.tif"
+    src.parent.mkdir()
+    src.write_bytes(payload)
+    store.move_file("cogs/c/p.tif", src)
+    assert store.get_bytes("cogs/c/p.tif") == payload
+    assert not src.exists()
+    with pytest.raises(StorageError, match=r"cogs/c/q\.tif"):
+        store.move_file("cogs/c/q.tif", tmp_path / "scratch" / "gone.tif")
+    assert [o.key for o in store.list("cogs/")] == ["cogs/c/p.tif"]
+
+
+def test_local_move_renames_within_one_filesystem(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    src = tmp_path / "scratch.tif"
+    src.write_bytes(b"cog")
+    inode = src.stat().st_ino
+    store.move_file("cogs/c/p.tif", src)
+    stored = tmp_path / "store" / "cogs" / "c" / "p.tif"
+    assert stored.stat().st_ino == inode  # renamed, not copied
+    assert stored.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in stored.parent.iterdir()] == ["p.tif"]
+
+
 def test_missing_key_is_named(store: ObjectStore, tmp_path: Path) -> None:
     with pytest.raises(ObjectNotFoundError, match=r"nope/x\.tif"):
         store.get_bytes("nope/x.tif")
