@@ -1,7 +1,7 @@
 """Ingest orchestration overhead: the ingest flow against the same functions in a plain loop.
 
     uv run --frozen python -m bench.ingest [--products 40] [--size 512] [--reps 3]
-        [--database sqlite|postgres] [--api-url URL]
+        [--batch-products N] [--database sqlite|postgres] [--api-url URL]
 
 ``--products`` generated scenes of ``--size`` x ``--size`` x 3 uint8 land in one collection of a
 local store. Each repetition, in alternating order, runs:
@@ -9,11 +9,15 @@ local store. Each repetition, in alternating order, runs:
 * flow: ``ingest(seed_tiles=False)`` (what ``skyvault ingest --no-seed`` runs) in this process,
   against a Prefect server started here on 127.0.0.1 (its database SQLite, the embedded default,
   or a private PostgreSQL cluster, the production setup; or the server of ``--api-url``), with the
-  tag limits provisioned: discovery, status read, one ``process-product`` run per product
-  (``settings.concurrency.products`` at a time), each converting, registering and recording status;
-* plain: the same domain functions (discover, read statuses, and per product the status records,
-  ``preprocess_product`` and ``register_product``) in a thread pool of the same size, no Prefect.
+  tag limits provisioned: discovery, status read, then the products' runs
+  (``settings.concurrency.products`` at a time): small products in ``process-products`` batches
+  (``concurrency.batch_products``, ``batch_source_bytes``), others one ``process-product`` run
+  each, converting, registering and recording status;
+* plain: the same domain functions (discover, read statuses, the same grouping, and per run the
+  status records, ``preprocess_product(s)`` and ``register_product(s)``) in a thread pool of the
+  same size, no Prefect.
 
+``--batch-products 1`` gives every product its own run (and the loop single-product calls).
 Outputs (COGs, catalog, status records) are removed before every run, so each does the full work.
 Prints a markdown table (median and range of wall seconds, seconds per product, and the flow's
 orchestration overhead per product: flow minus plain) and writes it to
@@ -34,6 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -41,6 +46,7 @@ import yaml
 from rasterio.transform import from_origin
 
 from bench.common import add_server_arguments, prefect_server, server_label
+from skyvault.batching import batch_size, is_small, plan_runs
 from skyvault.catalog import registration
 from skyvault.cog import convert
 from skyvault.config.settings import Settings
@@ -85,15 +91,17 @@ def make_landing(root: Path, products: int, size: int) -> None:
             dst.update_tags(TIFFTAG_DATETIME=f"2026:01:{1 + i % 28:02d} 10:00:00")
 
 
-def write_config(root: Path) -> Path:
-    """The config file both sides read."""
+def write_config(root: Path, batch_products: int | None = None) -> Path:
+    """The config file both sides read (``batch_products`` overrides the default batch cap)."""
     path = root / "skyvault.yaml"
-    body = {
+    body: dict[str, Any] = {
         "scratch_dir": str(root / "scratch"),
         "store": {"kind": "local", "root": str(root / "store")},
         "lts": {"root": str(root / "lts"), "create_root": True},
         "collections": {COLLECTION: {"render": {"bands": [1, 2, 3]}}},
     }
+    if batch_products is not None:
+        body["concurrency"] = {"batch_products": batch_products}
     path.write_text(yaml.safe_dump(body))
     return path
 
@@ -105,10 +113,17 @@ def wipe_outputs(settings: Settings) -> None:
 
 
 def plain_ingest(settings: Settings, workers: int) -> int:
-    """The ingest's work without Prefect: the same domain calls, ``workers`` products at a time."""
+    """The ingest's work without Prefect: the same domain calls, ``workers`` runs at a time.
+
+    Products are grouped as the flow groups them (:func:`skyvault.batching.plan_runs`): a batch
+    is converted and registered with the batch functions, a product alone with the single ones.
+    """
     found = landing.discover(settings.store, settings.collections, collection=COLLECTION)
     read_statuses([(p.collection, p.id) for p in found.products], settings.store)
     collection = settings.collection(COLLECTION)
+    limits = settings.concurrency
+    small = sum(1 for p in found.products if is_small(p, limits.batch_source_bytes))
+    size = batch_size(small, workers, limits.batch_products)
 
     def record(product: Product, state: StatusState, step: str) -> None:
         write_status(
@@ -122,18 +137,31 @@ def plain_ingest(settings: Settings, workers: int) -> int:
             settings.store,
         )
 
-    def one(product: Product) -> str:
-        record(product, "running", "preprocess")
-        cog = convert.preprocess_product(
-            product, collection, settings.store, settings.scratch_dir, limits=settings.limits
+    def run(products: list[Product]) -> int:
+        for product in products:
+            record(product, "running", "preprocess")
+        if len(products) == 1:
+            cog = convert.preprocess_product(
+                products[0], collection, settings.store, settings.scratch_dir, limits=settings.limits
+            )
+            record(products[0], "running", "register")
+            registration.register_product(products[0], cog, collection, settings.catalog, settings.store)
+            record(products[0], "done", "register")
+            return 1
+        batch = convert.preprocess_products(
+            products, collection, settings.store, settings.scratch_dir, limits=settings.limits
         )
-        record(product, "running", "register")
-        registration.register_product(product, cog, collection, settings.catalog, settings.store)
-        record(product, "done", "register")
-        return product.id
+        by_id = {p.id: p for p in products}
+        for cog in batch.cogs:
+            record(by_id[cog.product_id], "running", "register")
+        pairs = [(by_id[c.product_id], c) for c in batch.cogs]
+        registered = registration.register_products(pairs, collection, settings.catalog, settings.store)
+        for item in registered.items:
+            record(by_id[item.item_id], "done", "register")
+        return len(registered.items)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return len(list(pool.map(one, found.products)))
+        return sum(pool.map(run, plan_runs(found.products, size, limits.batch_source_bytes)))
 
 
 def flow_ingest(settings: Settings) -> int:
@@ -163,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--products", type=int, default=40)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--batch-products",
+        type=int,
+        default=None,
+        help="concurrency.batch_products on both sides (1: a run per product; default: the setting's)",
+    )
     add_server_arguments(parser)
     parser.add_argument("--dir", type=Path, default=None, help="parent of the working folder")
     args = parser.parse_args(argv)
@@ -170,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=args.dir) as tmp:
         root = Path(tmp)
         make_landing(root, args.products, args.size)
-        os.environ["SKYVAULT_CONFIG_FILE"] = str(write_config(root))
+        os.environ["SKYVAULT_CONFIG_FILE"] = str(write_config(root, args.batch_products))
         with server_for(args) as api_url:
             # set before Prefect is imported: its settings are read once
             os.environ["PREFECT_API_URL"] = api_url
@@ -199,20 +233,20 @@ def main(argv: list[str] | None = None) -> int:
             from prefect.logging.handlers import APILogHandler
 
             APILogHandler().flush()  # send the runs' logs while the server is still up
-    table = render(times, args, workers)
+    table = render(times, args, workers, settings.concurrency.batch_products)
     print(table)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"ingest-{args.database}.md").write_text(table)
     return 0
 
 
-def render(times: dict[str, list[float]], args: argparse.Namespace, workers: int) -> str:
+def render(times: dict[str, list[float]], args: argparse.Namespace, workers: int, batch: int) -> str:
     """The markdown table of both sides and the overhead per product."""
     n = args.products
     med = {name: statistics.median(values) for name, values in times.items()}
     lines = [
         f"### ingest --no-seed: {n} products of {args.size}x{args.size}x3 uint8, "
-        f"{workers} at a time, {args.reps} alternating repetitions",
+        f"{workers} at a time, batches of up to {batch} products, {args.reps} alternating repetitions",
         "",
         f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "",

@@ -14,6 +14,13 @@ class SkyvaultError(Exception):
     """Base class of every error skyvault raises."""
 
 
+def naming_product(collection: str, product_id: str, exc: BaseException) -> str:
+    """The error's message, prefixed with the product when it does not name it already."""
+    text = str(exc) or type(exc).__name__
+    label = f"{collection}/{product_id}"
+    return text if label in text or repr(product_id) in text else f"product {label}: {text}"
+
+
 class TransientError(SkyvaultError):
     """An error that may go away on its own (network hiccup, 5xx, throttling); safe to retry."""
 

@@ -81,9 +81,13 @@ class Product(_Record):
     georeference: GeoReference | None = None
     properties: dict[str, Any] = Field(default_factory=dict)
 
+    #: Bytes of the source raster when discovery listed it (not part of :meth:`digest`).
+    source_size: int | None = None
+
     def digest(self) -> str:
         """A digest of everything discovery said about the product (its report or sidecar included)."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        said = self.model_dump(mode="json", exclude={"source_size"})
+        text = json.dumps(said, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -172,6 +176,20 @@ class ItemRef(_Record):
     end_datetime: dt.datetime | None = None
     bbox: BBox
     created: bool
+
+
+class PreprocessBatch(_Record):
+    """What preprocessing several products did: their COGs, and why the others failed (by id)."""
+
+    cogs: list[CogInfo] = Field(default_factory=list)
+    failed: dict[str, str] = Field(default_factory=dict)
+
+
+class RegisterBatch(_Record):
+    """What registering several products did: their items, and why the others failed (by id)."""
+
+    items: list[ItemRef] = Field(default_factory=list)
+    failed: dict[str, str] = Field(default_factory=dict)
 
 
 class SeedRequest(_Record):

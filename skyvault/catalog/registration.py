@@ -18,8 +18,10 @@ from skyvault.errors import (
     InvalidIdentifierError,
     ItemsRejectedError,
     ProductError,
+    TransientError,
+    naming_product,
 )
-from skyvault.models import CogInfo, ItemRef, Product, RegisterSummary
+from skyvault.models import CogInfo, ItemRef, Product, RegisterBatch, RegisterSummary
 from skyvault.stac.item import build_item, validate_item
 
 
@@ -64,6 +66,42 @@ def register_product(
     item = build_item(product, cog, collection, store)
     validate_item(item)
     return open_catalog(catalog, store).upsert_items(collection, [item])[0]
+
+
+def register_products(
+    converted: Sequence[tuple[Product, CogInfo]],
+    collection: CollectionConfig,
+    catalog: CatalogSettings,
+    store: StoreSettings,
+) -> RegisterBatch:
+    """:func:`register_product` for several products of one collection, in one catalog write.
+
+    A product whose item cannot be built or is refused by the catalog fails alone, its message
+    (naming it) in ``failed``; the others are registered.
+
+    Raises:
+        CatalogError: the write failed as a whole (TransientCatalogError when a retry may help).
+
+    """
+    items: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
+    for product, cog in converted:
+        try:
+            item = build_item(product, cog, collection, store)
+            validate_item(item)
+            items.append(item)
+        except TransientError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever one product raises fails that product only
+            failed[product.id] = naming_product(product.collection, product.id, e)
+    refs: list[ItemRef] = []
+    if items:
+        try:
+            refs = open_catalog(catalog, store).upsert_items(collection, items)
+        except ItemsRejectedError as e:
+            failed.update({i: naming_product(collection.id, i, Exception(m)) for i, m in e.errors.items()})
+            refs = list(e.written)
+    return RegisterBatch(items=refs, failed=failed)
 
 
 def register_cogs(

@@ -46,7 +46,7 @@ import struct
 import threading
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, cast
@@ -85,10 +85,12 @@ from skyvault.errors import (
     RasterError,
     RasterLimitError,
     StorageError,
+    TransientError,
     TransientStorageError,
+    naming_product,
 )
 from skyvault.ids import check_id
-from skyvault.models import CogInfo, CogRecord, ObjectInfo, Product
+from skyvault.models import CogInfo, CogRecord, ObjectInfo, PreprocessBatch, Product
 from skyvault.storage.store import ObjectStore, open_store
 
 logger = logging.getLogger(__name__)
@@ -239,6 +241,41 @@ def preprocess_product(
     )
     write_cog_record(product, info, objects)
     return info
+
+
+def preprocess_products(
+    products: Sequence[Product],
+    collection: CollectionConfig,
+    store: StoreSettings,
+    scratch_dir: Path,
+    *,
+    replace: Collection[str] = (),
+    limits: LimitSettings | None = None,
+) -> PreprocessBatch:
+    """:func:`preprocess_product` for several products of one collection, one after another.
+
+    Products whose id is in ``replace`` get their COG rebuilt. A product that fails fails alone:
+    its message (naming it) goes to ``failed`` and the next product is converted.
+
+    Raises:
+        TransientError: a retry may help; COGs already made are found up to date by the retry.
+
+    """
+    cogs: list[CogInfo] = []
+    failed: dict[str, str] = {}
+    for product in products:
+        try:
+            cogs.append(
+                preprocess_product(
+                    product, collection, store, scratch_dir, replace=product.id in replace, limits=limits
+                )
+            )
+        except TransientError:
+            raise
+        except Exception as e:  # whatever one product raises fails that product only
+            logger.warning("preprocess of %s/%s failed", product.collection, product.id, exc_info=True)
+            failed[product.id] = naming_product(product.collection, product.id, e)
+    return PreprocessBatch(cogs=cogs, failed=failed)
 
 
 def _same_source_cog(

@@ -365,6 +365,14 @@ class ConcurrencySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     products: int = Field(4, ge=1)
+    #: Most products one ``process-products`` run takes. An ingest with more than twice as many
+    #: small products as ``products`` runs them in batches of up to this many, one run per batch
+    #: (each step a task for the whole batch), so a backlog of small products does not pay a flow
+    #: run each; 1 runs every product in its own ``process-product`` run.
+    batch_products: int = Field(16, ge=1)
+    #: A product is batched only when its source is at most this many bytes (larger products'
+    #: conversion outweighs their run's cost, and each gets its own run).
+    batch_source_bytes: int = Field(32 * 1024 * 1024, ge=0)
     #: Limit per tag; configured values are merged over :data:`DEFAULT_TAG_LIMITS`, so setting one
     #: tag never leaves the others unlimited. A limit below 1 would abort every task with the tag.
     tag_limits: dict[str, Annotated[int, Field(ge=1)]] = Field(

@@ -428,6 +428,12 @@ def _dedupe(candidates: list[_Candidate], failures: list[_Failure]) -> list[_Can
     return kept
 
 
+def _sized(product: Product, view: _View) -> Product:
+    """The product with the size of its source as listed."""
+    info = view.get(product.source_key)
+    return product if info is None else product.model_copy(update={"source_size": info.size})
+
+
 def _changed(keys: Iterable[str], view: _View, since: dt.datetime | None) -> bool:
     if since is None:
         return True
@@ -443,7 +449,8 @@ def _finish(
 ) -> Discovery:
     kept = _dedupe(candidates, failures)
     products = sorted(
-        (c.product for c in kept if _changed(c.keys, view, since)), key=lambda p: (p.collection, p.id)
+        (_sized(c.product, view) for c in kept if _changed(c.keys, view, since)),
+        key=lambda p: (p.collection, p.id),
     )
     reported = {f.failure for f in failures if _changed(f.keys, view, since)}
     return Discovery(

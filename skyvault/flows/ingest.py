@@ -14,9 +14,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
+from skyvault.batching import batch_size, is_small, plan_runs
 from skyvault.config.settings import StoreSettings, get_settings
 from skyvault.errors import IngestFailedError, SkyvaultError
-from skyvault.flows.process import process_product
+from skyvault.flows.process import process_product, process_products
 from skyvault.models import Discovery, IngestSummary, Product, ProductOutcome, ProductStatus
 from skyvault.status import changed_since_done, needs_processing, read_status
 from skyvault.tasks.catalog import find_existing_items
@@ -63,13 +64,15 @@ def _run_ended(flow: Any, flow_run: Any, state: Any) -> None:
         slot.free()
 
 
-_process_product = process_product.with_options(
-    on_running=[_run_started],
-    on_completion=[_run_ended],
-    on_failure=[_run_ended],
-    on_crashed=[_run_ended],
-    on_cancellation=[_run_ended],
-)
+_HOOKS: dict[str, Any] = {
+    "on_running": [_run_started],
+    "on_completion": [_run_ended],
+    "on_failure": [_run_ended],
+    "on_crashed": [_run_ended],
+    "on_cancellation": [_run_ended],
+}
+_process_product = process_product.with_options(**_HOOKS)
+_process_products = process_products.with_options(**_HOOKS)
 
 
 def select_products(
@@ -147,23 +150,52 @@ def _record_of(product: Product, store: StoreSettings | None) -> ProductStatus |
 
 def _run_one(
     product: Product, replace: bool, seed_tiles: bool, slot: _Slot, store: StoreSettings | None = None
-) -> ProductOutcome:
+) -> list[ProductOutcome]:
     """Run process-product for one product (inside a copy of the ingest run's context)."""
     _SLOT.set(slot)
     try:
         state = _process_product(product, replace=replace, seed_tiles=seed_tiles, return_state=True)
         data = state.result(raise_on_failure=False)
         recorded = None if isinstance(data, ProductOutcome) else _record_of(product, store)
-        return outcome_of(product, state, recorded)
+        return [outcome_of(product, state, recorded)]
     except Exception as e:  # noqa: BLE001 - the run could not even start: this product fails alone
-        return ProductOutcome(
-            collection=product.collection,
-            product_id=product.id,
-            state="failed",
-            message=f"product {product.collection}/{product.id}: process-product could not run: {e}",
-        )
+        return [_not_run(product, "process-product", e)]
     finally:
         slot.free()
+
+
+def _run_batch(
+    products: list[Product],
+    replace: list[str],
+    seed_tiles: bool,
+    slot: _Slot,
+    store: StoreSettings | None = None,
+) -> list[ProductOutcome]:
+    """Run process-products for a batch (inside a copy of the ingest run's context).
+
+    A product the run gave no outcome for (it crashed) gets one from its final state and the
+    product's status record, as in :func:`outcome_of`.
+    """
+    _SLOT.set(slot)
+    try:
+        state = _process_products(products, replace=replace, seed_tiles=seed_tiles, return_state=True)
+        data = state.result(raise_on_failure=False)
+        listed: list[Any] = data if isinstance(data, list) else []
+        given = {o.product_id: o for o in listed if isinstance(o, ProductOutcome)}
+        return [given.get(p.id) or outcome_of(p, state, _record_of(p, store)) for p in products]
+    except Exception as e:  # noqa: BLE001 - the run could not even start: its products fail alone
+        return [_not_run(p, "process-products", e) for p in products]
+    finally:
+        slot.free()
+
+
+def _not_run(product: Product, flow_name: str, e: Exception) -> ProductOutcome:
+    return ProductOutcome(
+        collection=product.collection,
+        product_id=product.id,
+        state="failed",
+        message=f"product {product.collection}/{product.id}: {flow_name} could not run: {e}",
+    )
 
 
 def run_products(
@@ -174,32 +206,41 @@ def run_products(
     window: int,
     store: StoreSettings | None = None,
     changed: Collection[tuple[str, str]] = (),
+    batch: int = 1,
+    batch_source_bytes: int = 0,
 ) -> Iterator[ProductOutcome]:
-    """Run ``process-product`` for each product, at most ``window`` at a time, as subflows.
+    """Run the products as subflows, at most ``window`` runs at a time.
 
-    A slot frees as soon as any product's run ends (no head-of-line blocking), and products are
-    taken from ``products`` only as slots free, so a large backlog streams through. Yields one
-    outcome per product, in completion order; never raises for a product's failure. With
-    ``store``, a run that ended without its own outcome is given the step its status record
-    names (see :func:`outcome_of`). Products whose ``(collection, id)`` is in ``changed`` are
-    processed as a replace.
+    Products whose source is at most ``batch_source_bytes`` run ``batch`` at a time in one
+    ``process-products`` run (one collection per batch); every other product runs alone in a
+    ``process-product`` run. A slot frees as soon as any run ends (no head-of-line blocking), and
+    products are taken from ``products`` only as slots free, so a large backlog streams through.
+    Yields one outcome per product, in completion order; never raises for a product's failure.
+    With ``store``, a product whose run ended without its own outcome is given the step its
+    status record names (see :func:`outcome_of`). Products whose ``(collection, id)`` is in
+    ``changed`` are processed as a replace.
     """
     slots = threading.Semaphore(window)
     # twice the window: a thread whose run has ended may still be in Prefect's teardown
     with ThreadPoolExecutor(max_workers=2 * window, thread_name_prefix="product") as pool:
-        running: set[Future[ProductOutcome]] = set()
-        for product in products:
+        running: set[Future[list[ProductOutcome]]] = set()
+        for unit in plan_runs(products, batch, batch_source_bytes):
             slots.acquire()
             finished = {f for f in running if f.done()}
             running -= finished
-            yield from (f.result() for f in finished)
+            for f in finished:
+                yield from f.result()
             slot = _Slot(slots)
             context = contextvars.copy_context()
-            again = replace or (product.collection, product.id) in changed
-            running.add(pool.submit(context.run, _run_one, product, again, seed_tiles, slot, store))
+            again = [p.id for p in unit if replace or (p.collection, p.id) in changed]
+            if len(unit) == 1:
+                job = pool.submit(context.run, _run_one, unit[0], bool(again), seed_tiles, slot, store)
+            else:
+                job = pool.submit(context.run, _run_batch, unit, again, seed_tiles, slot, store)
+            running.add(job)
             slot.started.wait()
         for future in as_completed(running):
-            yield future.result()
+            yield from future.result()
 
 
 def _ingest_run_name() -> str:
@@ -257,14 +298,18 @@ def ingest(
             len(changed),
             ", ".join(f"{c}/{i}" for c, i in sorted(changed)),
         )
+    limits = settings.concurrency
+    small = sum(1 for p in todo if is_small(p, limits.batch_source_bytes))
     outcomes.extend(
         run_products(
             todo,
             replace=replace,
             seed_tiles=seed_tiles,
-            window=settings.concurrency.products,
+            window=limits.products,
             store=settings.store,
             changed=changed,
+            batch=batch_size(small, limits.products, limits.batch_products),
+            batch_source_bytes=limits.batch_source_bytes,
         )
     )
     outcomes.extend(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
 from prefect import task
@@ -10,7 +11,7 @@ from prefect import task
 from skyvault.catalog import registration
 from skyvault.config.collections import CollectionConfig
 from skyvault.config.settings import CatalogSettings, StoreSettings
-from skyvault.models import CogInfo, ItemRef, Product, RegisterSummary
+from skyvault.models import CogInfo, ItemRef, Product, RegisterBatch, RegisterSummary
 from skyvault.tasks.policy import TASK_POLICY
 
 
@@ -24,6 +25,17 @@ def register_product(
 ) -> ItemRef:
     """Task: :func:`skyvault.catalog.registration.register_product`."""
     return registration.register_product(product, cog, collection, catalog, store)
+
+
+@task(name="register-products", tags=["catalog-write"], **TASK_POLICY)
+def register_products(
+    converted: Sequence[tuple[Product, CogInfo]],
+    collection: CollectionConfig,
+    catalog: CatalogSettings,
+    store: StoreSettings,
+) -> RegisterBatch:
+    """Task: :func:`skyvault.catalog.registration.register_products`."""
+    return registration.register_products(converted, collection, catalog, store)
 
 
 @task(name="register-cogs", tags=["catalog-write"], **TASK_POLICY)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from prefect import task
@@ -9,7 +10,7 @@ from prefect import task
 from skyvault.cog import convert
 from skyvault.config.collections import CollectionConfig
 from skyvault.config.settings import LimitSettings, StoreSettings
-from skyvault.models import CogInfo, Product
+from skyvault.models import CogInfo, PreprocessBatch, Product
 from skyvault.tasks.policy import TASK_POLICY
 
 
@@ -25,6 +26,22 @@ def preprocess_product(
 ) -> CogInfo:
     """Task: :func:`skyvault.cog.convert.preprocess_product`."""
     return convert.preprocess_product(product, collection, store, scratch_dir, replace=replace, limits=limits)
+
+
+@task(name="preprocess-products", tags=["object-store-read", "object-store-write"], **TASK_POLICY)
+def preprocess_products(
+    products: Sequence[Product],
+    collection: CollectionConfig,
+    store: StoreSettings,
+    scratch_dir: Path,
+    *,
+    replace: Sequence[str] = (),
+    limits: LimitSettings | None = None,
+) -> PreprocessBatch:
+    """Task: :func:`skyvault.cog.convert.preprocess_products`."""
+    return convert.preprocess_products(
+        products, collection, store, scratch_dir, replace=replace, limits=limits
+    )
 
 
 @task(name="list-cogs", **TASK_POLICY)
