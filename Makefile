@@ -59,6 +59,7 @@ bench: setup ## compare against the reference tools; tables go to bench/out/ for
 	$(RUN) python -m bench.archive --database postgres
 	$(RUN) python -m bench.ingest --database sqlite
 	$(RUN) python -m bench.ingest --database postgres
+	$(RUN) python -m bench.ingest --database postgres --products 1000
 	$(RUN) python -m bench.register
 	$(RUN) python -m bench.gateway --database postgres
 	$(RUN) python -m bench.series --database postgres

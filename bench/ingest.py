@@ -18,10 +18,11 @@ local store. Each repetition, in alternating order, runs:
   same size, no Prefect.
 
 ``--batch-products 1`` gives every product its own run (and the loop single-product calls).
+
 Outputs (COGs, catalog, status records) are removed before every run, so each does the full work.
 Prints a markdown table (median and range of wall seconds, seconds per product, and the flow's
 orchestration overhead per product: flow minus plain) and writes it to
-``bench/out/ingest-<database>.md``.
+``bench/out/ingest-<database>-<products>.md``.
 """
 
 from __future__ import annotations
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     table = render(times, args, workers, settings.concurrency.batch_products)
     print(table)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"ingest-{args.database}.md").write_text(table)
+    (OUT / f"ingest-{args.database}-{args.products}.md").write_text(table)
     return 0
 
 

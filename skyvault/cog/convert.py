@@ -41,6 +41,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import secrets
 import struct
 import threading
@@ -333,7 +334,7 @@ def _make_cog(
     """
     label = f"{product.collection}/{product.id}"
     cancel = threading.Event()
-    source_hash = None if source_sha256 else pool.submit(_sha256_object, objects, source.key, cancel)
+    source_hash = None if source_sha256 else pool.submit(_sha256_in_idle_time, objects, source.key, cancel)
     placeholder = "pending-" + secrets.token_hex(28)
     try:
         cog_path = _convert(product, collection, objects, source, env, work, placeholder, limits, fingerprint)
@@ -381,6 +382,18 @@ def _sha256_opened(stream: IO[bytes]) -> tuple[str, int]:
     """Hex sha256 and size of an open file, which is closed afterwards."""
     with stream:
         return sha256_stream(stream)
+
+
+def _sha256_in_idle_time(objects: ObjectStore, key: str, cancel: threading.Event) -> tuple[str, int]:
+    """:func:`_sha256_object` at the lowest CPU priority, beside GDAL's conversion.
+
+    GDAL's threads already keep every core nearly busy; at the lowest priority the hash takes the
+    time they leave idle instead of taking cores from them. The thread stays at that priority
+    (a thread may not raise its own again), which is harmless: it belongs to one call's pool.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: no setpriority here
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    return _sha256_object(objects, key, cancel)
 
 
 def _sha256_object(objects: ObjectStore, key: str, cancel: threading.Event) -> tuple[str, int]:
