@@ -40,7 +40,10 @@ setup-system: ## system packages the suite (PostgreSQL, Docker, debootstrap) and
 
 setup-python: ## the locked Python environment in .venv, and the map page's Leaflet (npm registry)
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
-	$(UV) sync --frozen
+	@# bytecode compiled at install: every process (the CLI, each flow run, the tests' children)
+	@# starts from it instead of compiling its imports again, also where PYTHONDONTWRITEBYTECODE is set
+	$(UV) sync --frozen --compile-bytecode
+	@$(UV) run --frozen python -m compileall -q skyvault
 	@bash scripts/fetch-web-assets.sh
 
 lint:
