@@ -13,6 +13,7 @@ Documents several processes change (catalog.json, collection.json, TileJSON) go 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import secrets
@@ -162,6 +163,48 @@ def sweep_dead_writes(folder: Path) -> list[Path]:
     return removed
 
 
+def _locked_part(folder: Path, name: str) -> tuple[int, Path]:
+    """A new ``.<name>.<random>.part`` file in ``folder``, locked before any process can see it.
+
+    Where the filesystem allows, the file is made unnamed (``O_TMPFILE``), locked, then linked in:
+    a writer killed at any point leaves nothing behind. Elsewhere it is created as
+    ``.<name>.<random>.new``, locked and renamed; a writer killed before the rename leaves a
+    ``.new`` file, removed by a later sweep once it is old. Returns the open descriptor holding
+    the lock and the file's path.
+    """
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if tmpfile:
+        try:
+            fd = os.open(folder, tmpfile | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                raise
+        else:
+            path = folder / f".{name}.{secrets.token_hex(6)}{PART_SUFFIX}"
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/<fd>: os.link uses linkat only when
+                # given a directory descriptor
+                proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.link(str(fd), path, src_dir_fd=proc, follow_symlinks=True)
+                finally:
+                    os.close(proc)
+            except OSError:
+                os.close(fd)  # no /proc, or no linking of unnamed files here: the portable way
+            else:
+                return fd, path
+    fd, new = tempfile.mkstemp(prefix=f".{name}.", suffix=NEW_SUFFIX, dir=folder)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        path = Path(new[: -len(NEW_SUFFIX)] + PART_SUFFIX)
+        os.rename(new, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, path
+
+
 def _writer_is_gone(path: Path) -> bool:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -271,20 +314,14 @@ class LocalStore:
     def _atomic(self, dest: Path) -> Iterator[Path]:
         """A locked temporary file beside ``dest``, renamed to ``dest`` when the block succeeds.
 
-        The file is created as ``.<name>.<random>.new``, locked, and only then renamed to
-        ``.<name>.<random>.part``: every ``.part`` file is locked while its writer lives.
+        Every ``.<name>.<random>.part`` file is locked while its writer lives: see
+        :func:`_locked_part`.
         """
-        fd = -1
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             sweep_dead_writes(dest.parent)
-            fd, new = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=NEW_SUFFIX, dir=dest.parent)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            tmp = Path(new[: -len(NEW_SUFFIX)] + PART_SUFFIX)
-            os.rename(new, tmp)
+            fd, tmp = _locked_part(dest.parent, dest.name)
         except OSError as e:
-            if fd >= 0:
-                os.close(fd)
             raise StorageError(f"cannot write {dest}: {e}") from e
         try:
             yield tmp

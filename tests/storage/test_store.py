@@ -169,6 +169,35 @@ def test_local_listing_hides_partial_writes(tmp_path: Path) -> None:
     assert [o.key for o in store.list("a/")] == ["a/x"]
 
 
+def test_a_local_write_is_locked_from_the_moment_it_can_be_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+    import tempfile
+
+    def no_named_temporary_file(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a named .new file was created: a kill could leave it behind")
+
+    store = LocalStore(tmp_path / "store")
+    store.put_bytes("tiles/a/1.png", b"old")
+    folder = tmp_path / "store" / "tiles" / "a"
+    monkeypatch.setattr(tempfile, "mkstemp", no_named_temporary_file)
+    with store._atomic(store._path("tiles/a/2.png")) as tmp:
+        # no unlocked ".new" stage: a writer killed here or earlier leaves nothing a sweep must age out
+        assert sorted(p.name for p in folder.iterdir()) == sorted(["1.png", tmp.name])
+        assert tmp.name.startswith(".2.png.")
+        assert tmp.name.endswith(".part")
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        tmp.write_bytes(b"new")
+    assert store.get_bytes("tiles/a/2.png") == b"new"
+    assert sorted(p.name for p in folder.iterdir()) == ["1.png", "2.png"]
+
+
 WRITER = """
 import sys, time
 from pathlib import Path
