@@ -90,32 +90,9 @@ def process_product(
         tiles = 0
         if seed_tiles:
             step = "seed"
-            status.write(
-                "running", step, cog_key=cog.key, source_sha256=cog.source_sha256, item_href=item.href
-            )
-            start, end, bbox = reseed_extent(item, previous)
-            request = SeedRequest(collection=collection.id, start=start, end=end, bbox=bbox, force=replace)
-            seeded, _, _ = run_seed(request, settings, [previous] if previous else ())
-            tiles = seeded.written
-        outcome = ProductOutcome(
-            collection=collection.id,
-            product_id=product.id,
-            state="done",
-            cog_key=cog.key,
-            item_href=item.href,
-            tiles=tiles,
-            message="converted" if cog.created else "COG up to date",
-        )
+            tiles = _seed(status, cog, item, previous, replace, settings)
         last, step = step, "status"
-        status.write(
-            "done",
-            last,
-            outcome.message,
-            cog_key=cog.key,
-            source_sha256=cog.source_sha256,
-            item_href=item.href,
-            tiles=tiles,
-        )
+        outcome = _done(status, cog, item, last, tiles)
     except Exception as e:  # one product's failure, whatever it is, ends only this run
         message = _naming(product, e)
         logger.error("failed at %s: %s", step, message, exc_info=True)
@@ -254,29 +231,48 @@ def _finish(
     try:
         if seed_tiles:
             last = "seed"
-            status.write(
-                "running", last, cog_key=cog.key, source_sha256=cog.source_sha256, item_href=item.href
-            )
-            start, end, bbox = reseed_extent(item, previous)
-            request = SeedRequest(collection=item.collection, start=start, end=end, bbox=bbox, force=replace)
-            seeded, _, _ = run_seed(request, settings, [previous] if previous else ())
-            tiles = seeded.written
-        message = "converted" if cog.created else "COG up to date"
-        status.write(
-            "done",
-            last,
-            message,
-            cog_key=cog.key,
-            source_sha256=cog.source_sha256,
-            item_href=item.href,
-            tiles=tiles,
-        )
+            tiles = _seed(status, cog, item, previous, replace, settings)
+        outcome = _done(status, cog, item, last, tiles)
     except Exception as e:  # noqa: BLE001 - this product fails alone
         batch.fail(product_id, last, _naming(batch.products[product_id], e))
         return
-    batch.outcomes[product_id] = ProductOutcome(
+    batch.outcomes[product_id] = outcome
+
+
+def _seed(
+    status: _Recorder,
+    cog: CogInfo,
+    item: ItemRef,
+    previous: dict[str, Any] | None,
+    replace: bool,
+    settings: Settings,
+) -> int:
+    """Record the seed step and seed the product's extent (and its old one, after a replace).
+
+    Returns the tiles written.
+    """
+    status.write("running", "seed", cog_key=cog.key, source_sha256=cog.source_sha256, item_href=item.href)
+    start, end, bbox = reseed_extent(item, previous)
+    request = SeedRequest(collection=item.collection, start=start, end=end, bbox=bbox, force=replace)
+    seeded, _, _ = run_seed(request, settings, [previous] if previous else ())
+    return seeded.written
+
+
+def _done(status: _Recorder, cog: CogInfo, item: ItemRef, last: str, tiles: int) -> ProductOutcome:
+    """Record the product done after step ``last``, written last; returns its outcome."""
+    message = "converted" if cog.created else "COG up to date"
+    status.write(
+        "done",
+        last,
+        message,
+        cog_key=cog.key,
+        source_sha256=cog.source_sha256,
+        item_href=item.href,
+        tiles=tiles,
+    )
+    return ProductOutcome(
         collection=item.collection,
-        product_id=product_id,
+        product_id=cog.product_id,
         state="done",
         cog_key=cog.key,
         item_href=item.href,
